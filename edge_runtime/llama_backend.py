@@ -1,0 +1,249 @@
+"""A thin, typed layer over llama.cpp's C API (through llama-cpp-python's ctypes).
+
+The high-level `llama_cpp.Llama` class cannot install an eval callback nor run
+several sequences in one batch, so the edge talks to the C API directly. This
+module owns every ctypes detail; the engine above it sees numpy arrays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.hidden_tap import HiddenStateTap
+from fogline.errors import BundleError, FoglineError
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        import llama_cpp
+        import llama_cpp._logger as llama_logger
+
+        llama_logger.set_verbose(os.environ.get("FOGLINE_LLAMA_VERBOSE") == "1")
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+class DecodeError(FoglineError):
+    """llama_decode failed (no KV slot, or an internal error)."""
+
+    code = "decode"
+    recoverable = True
+
+
+class LlamaModel:
+    """One GGUF file loaded once; contexts are created from it."""
+
+    def __init__(self, path: str | os.PathLike[str], n_gpu_layers: int = 0) -> None:
+        _init_backend()
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"GGUF file {self.path} does not exist")
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            raise BundleError(f"llama.cpp could not load {self.path} (corrupt or unsupported GGUF)")
+        self.ptr = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_embd: int = llama_cpp.llama_model_n_embd(model)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(model)
+        self.eos: int = llama_cpp.llama_vocab_eos(self.vocab)
+        self.bos: int = llama_cpp.llama_vocab_bos(self.vocab)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self._llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        tmpl = self._llama.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode("utf-8") if tmpl else None
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (self._llama.llama_token * cap)()
+        n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (self._llama.llama_token * cap)()
+            n = self._llama.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._llama.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """What one llama_decode produced.
+
+    logits: [n_outputs, n_vocab] for the batch rows marked as outputs, in batch order.
+    hidden: [n_tokens, n_embd] h_K of every batch row, or None when not captured.
+    """
+
+    logits: np.ndarray
+    hidden: np.ndarray | None
+
+
+@dataclass
+class BatchRow:
+    token: int
+    pos: int
+    seq: int
+    output: bool
+
+
+class LlamaContext:
+    """A llama.cpp context with up to `n_seq` independent KV sequences.
+
+    If `tap_layer` is given, h_K (the residual stream after that block) can be
+    captured on any decode with `capture_hidden=True`.
+    """
+
+    def __init__(self, model: LlamaModel, *, n_ctx: int, n_batch: int = 512, n_seq: int = 1,
+                 n_threads: int | None = None, tap_layer: int | None = None) -> None:
+        llama_cpp = model._llama
+        self._llama = llama_cpp
+        self.model = model
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch  # one ubatch per decode keeps h_K rows in one chunk
+        params.n_seq_max = n_seq
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        self.tap: HiddenStateTap | None = None
+        if tap_layer is not None:
+            if not 0 <= tap_layer < model.n_layer:
+                raise BundleError(f"tap layer {tap_layer} outside the GGUF's {model.n_layer} blocks")
+            self.tap = HiddenStateTap(tap_layer, model.n_embd)
+            params.cb_eval = self.tap.callback
+            params.cb_eval_user_data = None
+        ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            raise BundleError("llama.cpp could not create a context (out of memory?)")
+        self.ptr = ctx
+        self.n_ctx: int = llama_cpp.llama_n_ctx(ctx)
+        self.n_batch = n_batch
+        self.n_seq = n_seq
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # If the tapped block is the GGUF's last, llama.cpp keeps only output rows there.
+        self.tap_needs_all_outputs = tap_layer is not None and tap_layer == model.n_layer - 1
+
+    def decode(self, rows: list[BatchRow], capture_hidden: bool = False) -> DecodeResult:
+        """Run one batch; rows may belong to different sequences."""
+        n = len(rows)
+        if not 0 < n <= self.n_batch:
+            raise DecodeError(f"batch of {n} rows; must be 1..{self.n_batch}")
+        capture = capture_hidden and self.tap is not None
+        force_all = capture and self.tap_needs_all_outputs
+        b = self._batch
+        n_out = 0
+        out_index = []
+        for i, r in enumerate(rows):
+            b.token[i] = r.token
+            b.pos[i] = r.pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = r.seq
+            is_out = r.output or force_all
+            b.logits[i] = is_out
+            if is_out:
+                if r.output:
+                    out_index.append(n_out)
+                n_out += 1
+        b.n_tokens = n
+        if capture:
+            self.tap.begin()
+        rc = self._llama.llama_decode(self.ptr, b)
+        hidden = self.tap.take() if capture else None
+        if rc != 0:
+            raise DecodeError(f"llama_decode returned {rc} (KV cache full or batch invalid)")
+        if n_out:
+            ptr = self._llama.llama_get_logits(self.ptr)
+            all_logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
+            logits = all_logits[out_index] if force_all else all_logits.copy()
+        else:
+            logits = np.empty((0, self.model.n_vocab), dtype=np.float32)
+        if hidden is not None and hidden.shape[0] != n:
+            raise DecodeError(f"captured {hidden.shape[0]} rows of h_K for a batch of {n}")
+        return DecodeResult(logits=logits, hidden=hidden)
+
+    def remove(self, seq: int, p0: int = 0, p1: int = -1) -> None:
+        """Drop positions [p0, p1) of a sequence from the KV cache (p1=-1: to the end)."""
+        self._llama.llama_memory_seq_rm(self.memory, seq, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(self._llama.llama_memory_seq_pos_max(self.memory, seq))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._llama.llama_batch_free(self._batch)
+            self._llama.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def prefill(ctx: LlamaContext, tokens: list[int], seq: int = 0, start: int = 0,
+            capture_hidden: bool = True, all_logits: bool = False) -> DecodeResult:
+    """Decode a prompt in chunks of n_batch; returns logits (last or all) and h_K of every token."""
+    logits_parts, hidden_parts = [], []
+    for off in range(0, len(tokens), ctx.n_batch):
+        chunk = tokens[off: off + ctx.n_batch]
+        last = off + len(chunk) == len(tokens)
+        rows = [BatchRow(t, start + off + i, seq, all_logits or (last and i == len(chunk) - 1))
+                for i, t in enumerate(chunk)]
+        res = ctx.decode(rows, capture_hidden=capture_hidden)
+        logits_parts.append(res.logits)
+        if res.hidden is not None:
+            hidden_parts.append(res.hidden)
+    logits = np.concatenate(logits_parts, axis=0)
+    hidden = np.concatenate(hidden_parts, axis=0) if hidden_parts else None
+    return DecodeResult(logits=logits, hidden=hidden)

@@ -1,0 +1,69 @@
+"""The `fogline` command. Subcommands import their heavy dependencies lazily:
+`fogline --help` and every edge path stay free of torch and transformers.
+
+Every FoglineError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from fogline import __version__
+from fogline.errors import FoglineError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _export(args: argparse.Namespace) -> int:
+    from quantize.export import main
+
+    return main(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fogline.inspect import main
+
+    return main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fogline", description="Split LLM runtime: edge (llama.cpp) + cloud (PyTorch).")
+    parser.add_argument("--version", action="version", version=f"fogline {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("export", help="turn a model into a matched edge GGUF + cloud shard")
+    _add_export_arguments(p)
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("inspect", help="print a bundle's manifest and re-verify its file hashes")
+    p.add_argument("bundle", help="an export directory (with edge/ and cloud/) or one half of it")
+    p.set_defaults(handler=_inspect)
+    return parser
+
+
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    # Declared here (not imported from quantize.export) so that `--help` costs nothing.
+    from quantize.export import add_arguments
+
+    add_arguments(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except FoglineError as e:
+        print(f"fogline {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fogline {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

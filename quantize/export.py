@@ -1,0 +1,205 @@
+"""`fogline export`: one source model -> a matched edge GGUF + cloud shard.
+
+Everything is written into a temporary sibling directory and renamed into
+place only after verification passed, so a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fogline.errors import ExportError
+from fogline.manifest import Manifest, sha256_file, write_manifest
+
+EDGE_GGUF = "edge.gguf"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    source: str
+    out: Path
+    split: int | None  # None: auto
+    quant: str | None  # None: auto
+    device: str | None = None
+    device_memory: str | None = None
+    force: bool = False
+    cloud_dtype: str = "float32"
+    threads: int | None = None
+    tokenizer_pre: str | None = None
+    progress: bool = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="HF model directory, .gguf file, or 'demo'")
+    p.add_argument("--split", default="auto", help="K: edge runs layers [0,K); 'auto' needs a device budget")
+    p.add_argument("--quant", default="auto", help="edge GGUF type (Q8_0, Q4_K_M, F16, ...) or 'auto'")
+    p.add_argument("--out", required=True, help="output directory (gets edge/ and cloud/)")
+    p.add_argument("--device", help="device preset for the budget, e.g. rpi4-2gb, jetson-orin-nano-8gb")
+    p.add_argument("--device-memory", help="memory budget for the edge process, e.g. 1.5GiB")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="llama.cpp pre-tokenizer name for HF sources when detection is wrong")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def request_from_args(a: argparse.Namespace) -> ExportRequest:
+    split: int | None
+    if a.split == "auto":
+        split = None
+    else:
+        try:
+            split = int(a.split)
+        except ValueError:
+            raise ExportError(f"--split must be an integer or 'auto', not {a.split!r}") from None
+    quant = None if a.quant == "auto" else a.quant.upper()
+    return ExportRequest(source=a.source, out=Path(a.out), split=split, quant=quant, device=a.device,
+                         device_memory=a.device_memory, force=a.force, cloud_dtype=a.cloud_dtype,
+                         threads=a.threads, tokenizer_pre=a.tokenizer_pre, progress=not a.no_progress)
+
+
+def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manifest, Manifest]:
+    """Export; `source` lets a caller reuse an already loaded SourceModel (tests, sweeps)."""
+    from quantize import budget as budget_mod
+    from quantize.llama_quant import QUANT_TYPES, ftype_of
+
+    out = req.out
+    if out.exists() and not req.force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if req.quant is not None:
+        if req.quant not in QUANT_TYPES:
+            raise ExportError(f"unknown quantization type {req.quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+        ftype_of(req.quant)
+    budget = budget_mod.device_budget(req.device, req.device_memory)
+    if req.split is None and budget is None:
+        raise ExportError("--split auto needs --device or --device-memory to choose K")
+    if not out.parent.exists():
+        raise ExportError(f"parent directory {out.parent} does not exist")
+
+    from tqdm import tqdm
+
+    steps = tqdm(total=6, desc="export", unit="step", disable=not req.progress, file=sys.stderr)
+    steps.set_postfix_str("loading + dequantizing source")
+    src = source if source is not None else _load(req)
+    try:
+        spec = src.spec
+        choice = None
+        if budget is not None:
+            if req.split is not None:
+                spec.check_split(req.split)
+            choice = budget_mod.choose(spec, budget[0], req.split, req.quant)
+            log(f"device budget: {budget[0] / budget_mod.MiB:.0f} MiB ({budget[1]})")
+            log(budget_mod.format_table(choice))
+            log(f"chose {choice.reason}")
+            split, quant = choice.split, choice.quant
+        else:
+            split, quant = req.split, req.quant or "Q8_0"
+        assert split is not None
+        spec.check_split(split)
+        steps.update(1)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            edge_m, cloud_m = _export_into(tmp, src, split, quant, req, steps, choice, budget)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        steps.close()
+        if source is None:
+            src.close()
+    return edge_m, cloud_m
+
+
+def _load(req: ExportRequest):
+    from quantize.source import load_source
+
+    src = load_source(req.source)
+    if req.tokenizer_pre:
+        src.tokenizer_pre = req.tokenizer_pre  # type: ignore[attr-defined]
+    return src
+
+
+def _export_into(tmp: Path, src: Any, split: int, quant: str, req: ExportRequest, steps: Any,
+                 choice: Any, budget: Any) -> tuple[Manifest, Manifest]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from quantize.cloud_shard import cloud_tensors, write_cloud_shard
+    from quantize.edge_gguf import write_edge_gguf
+    from quantize.llama_quant import quantize_gguf
+    from quantize.verify import verify_export
+
+    t0 = time.time()
+    edge_dir, cloud_dir = tmp / "edge", tmp / "cloud"
+    edge_dir.mkdir(parents=True)
+    cloud_dir.mkdir()
+    fingerprint = src.fingerprint()
+
+    steps.set_postfix_str("writing float edge GGUF")
+    float_type = quant if quant in ("F32", "F16") else "F16"
+    float_path = edge_dir / (EDGE_GGUF if quant in ("F32", "F16") else "edge.float.gguf")
+    write_edge_gguf(src, split, float_path, float_type, fingerprint=fingerprint, progress=False)
+    steps.update(1)
+
+    steps.set_postfix_str(f"quantizing to {quant} (llama.cpp)")
+    edge_path = edge_dir / EDGE_GGUF
+    if float_path != edge_path:
+        quantize_gguf(float_path, edge_path, quant, req.threads)
+        float_path.unlink()
+    steps.update(1)
+
+    steps.set_postfix_str("writing cloud shard")
+    dtype = getattr(torch, req.cloud_dtype)
+    cloud_files = write_cloud_shard(src, split, cloud_dir, dtype)
+    steps.update(1)
+
+    steps.set_postfix_str("verifying h_K and cloud argmax")
+    tokenizer = AutoTokenizer.from_pretrained(cloud_dir)
+    shard = cloud_tensors(src, split, torch.float32)
+    figures = verify_export(src, split, quant, edge_path, shard, tokenizer, req.threads)
+    steps.update(1)
+
+    steps.set_postfix_str("writing manifests")
+    figures["export_seconds"] = round(time.time() - t0, 1)
+    spec = src.spec
+    common = dict(fingerprint=fingerprint, architecture=spec.model_type, n_layers=spec.n_layers, split=split,
+                  hidden_size=spec.hidden_size, vocab_size=spec.vocab_size, source=src.description,
+                  verification=figures)
+    budget_info = None
+    if choice is not None:
+        budget_info = {"budget_bytes": budget[0], "budget_source": budget[1], "reason": choice.reason,
+                       "estimated_resident_bytes": next(c.resident_bytes for c in choice.table
+                                                        if (c.split, c.quant) == (split, quant))}
+    edge_m = Manifest(role="edge", quant=quant, files={EDGE_GGUF: sha256_file(edge_path)},
+                      budget=budget_info, **common)
+    cloud_m = Manifest(role="cloud", quant=req.cloud_dtype,
+                       files={f: sha256_file(cloud_dir / f) for f in cloud_files}, **common)
+    write_manifest(edge_dir, edge_m)
+    write_manifest(cloud_dir, cloud_m)
+    steps.update(1)
+    return edge_m, cloud_m
+
+
+def main(args: argparse.Namespace) -> int:
+    req = request_from_args(args)
+    edge_m, cloud_m = run_export(req)
+    v = edge_m.verification
+    print(f"exported {edge_m.source} -> {req.out}")
+    print(f"  edge : {req.out / 'edge'}  K={edge_m.split} {edge_m.quant}  "
+          f"h_K rel. error {v['h_k_relative_error']:.4%} (tolerance {v['h_k_tolerance']:.0%})")
+    print(f"  cloud: {req.out / 'cloud'}  layers [{cloud_m.split}, {cloud_m.n_layers})  {cloud_m.quant}  "
+          f"argmax agreement {v['cloud_argmax_agreement']:.0%} over {v['positions']} positions")
+    print(f"  fingerprint {edge_m.fingerprint[:16]}…  ({v['export_seconds']} s)")
+    return 0
