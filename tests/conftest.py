@@ -56,3 +56,16 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def demo_hf_dir(tmp_path_factory, demo_source) -> Path:
+    """The demo model saved as a normal Hugging Face directory (config.json + safetensors + tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from quantize.verify import build_reference_model
+
+    out = tmp_path_factory.mktemp("hf") / "smollm2-hf"
+    build_reference_model(demo_source).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(demo_source.tokenizer_dir).save_pretrained(out)
+    return out

