@@ -87,9 +87,10 @@ def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manif
     from tqdm import tqdm
 
     steps = tqdm(total=6, desc="export", unit="step", disable=not req.progress, file=sys.stderr)
-    steps.set_postfix_str("loading + dequantizing source")
-    src = source if source is not None else _load(req)
+    src = None
     try:
+        steps.set_postfix_str("loading + dequantizing source")
+        src = source if source is not None else _load(req)
         spec = src.spec
         choice = None
         if budget is not None:
@@ -116,8 +117,8 @@ def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manif
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
-        steps.close()
-        if source is None:
+        steps.close()  # before any error line, so that line stands alone
+        if source is None and src is not None:
             src.close()
     return edge_m, cloud_m
 

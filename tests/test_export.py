@@ -185,5 +185,5 @@ def test_failed_verification_leaves_nothing(demo_hf_dir, tmp_path, capsys):
     """A wrong pre-tokenizer is caught by verification after files were written: all are removed."""
     out = tmp_path / "o"
     msg = _run_bad(["export", "--source", str(demo_hf_dir), "--split", "10", "--quant", "Q8_0",
-                    "--tokenizer-pre", "gpt-2", "--out", str(out), "--no-progress"], capsys, out)
+                    "--tokenizer-pre", "falcon", "--out", str(out), "--no-progress"], capsys, out)
     assert "tokenizes differently" in msg
