@@ -89,6 +89,7 @@ class HiddenStateTap:
         self._tensor_get = self._lib.ggml_backend_tensor_get
         self._armed = False
         self._chunks: list[np.ndarray] = []
+        self.chunk_rows: list[int] = []  # rows per micro-batch of the last take()
         self._seen = 0
         self._error: str | None = None
         # Keep a reference: ctypes callbacks are freed when garbage-collected.
@@ -110,6 +111,7 @@ class HiddenStateTap:
                 f"llama.cpp never offered tensor {self.name.decode()!r} to the eval callback; "
                 "the graph naming changed (pinned llama-cpp-python version?) or the layer does not exist")
         chunks, self._chunks = self._chunks, []
+        self.chunk_rows = [c.shape[0] for c in chunks]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
     def _on_eval(self, tensor: Any, ask: bool, _user_data: Any) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.hidden_tap import HiddenStateTap
-from fogline.errors import BundleError, FoglineError
+from fogline.errors import BundleError, FoglineError, HiddenStateContractError
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -141,7 +141,12 @@ class LlamaContext:
     """
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_batch: int = 512, n_seq: int = 1,
-                 n_threads: int | None = None, tap_layer: int | None = None) -> None:
+                 n_threads: int | None = None, tap_layer: int | None = None,
+                 kv_unified: bool = False) -> None:
+        # kv_unified=False (llama.cpp's default) gives every sequence its own KV stream: a
+        # sequence's cells then always hold positions 0..n in order, so its results do not
+        # depend on what else shares the batch. llama.cpp then splits a mixed batch into
+        # micro-batches by sequence (see `ubatch_order`).
         llama_cpp = model._llama
         self._llama = llama_cpp
         self.model = model
@@ -154,6 +159,7 @@ class LlamaContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
+        params.kv_unified = kv_unified
         self.tap: HiddenStateTap | None = None
         if tap_layer is not None:
             if not 0 <= tap_layer < model.n_layer:
@@ -168,6 +174,7 @@ class LlamaContext:
         self.n_ctx: int = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = n_batch
         self.n_seq = n_seq
+        self.kv_unified = kv_unified
         self.memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # If the tapped block is the GGUF's last, llama.cpp keeps only output rows there.
@@ -201,6 +208,8 @@ class LlamaContext:
         hidden = self.tap.take() if capture else None
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc} (KV cache full or batch invalid)")
+        if hidden is not None and not self.kv_unified and self.n_seq > 1:
+            hidden = self._to_batch_order(rows, hidden)
         if n_out:
             ptr = self._llama.llama_get_logits(self.ptr)
             all_logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))
@@ -210,6 +219,20 @@ class LlamaContext:
         if hidden is not None and hidden.shape[0] != n:
             raise DecodeError(f"captured {hidden.shape[0]} rows of h_K for a batch of {n}")
         return DecodeResult(logits=logits, hidden=hidden)
+
+    def _to_batch_order(self, rows: list[BatchRow], hidden: np.ndarray) -> np.ndarray:
+        """The tap sees rows micro-batch by micro-batch; put them back in batch order."""
+        order, sizes = ubatch_order(rows, self.n_batch)
+        assert self.tap is not None
+        if self.tap.chunk_rows != sizes:
+            raise HiddenStateContractError(
+                f"llama.cpp split a batch into micro-batches of {self.tap.chunk_rows} rows, expected {sizes}; "
+                "the pinned llama.cpp's batch splitting changed")
+        if order == list(range(len(rows))):
+            return hidden
+        out = np.empty_like(hidden)
+        out[order] = hidden
+        return out
 
     def remove(self, seq: int, p0: int = 0, p1: int = -1) -> None:
         """Drop positions [p0, p1) of a sequence from the KV cache (p1=-1: to the end)."""
@@ -229,6 +252,45 @@ class LlamaContext:
             self.close()
         except Exception:
             pass
+
+
+def ubatch_order(rows: list[BatchRow], n_ubatch: int) -> tuple[list[int], list[int]]:
+    """Batch indices in the order llama.cpp computes them with per-sequence KV streams.
+
+    Mirrors `llama_batch_allocr::split_equal(n_ubatch, sequential=true)` of the
+    pinned llama.cpp for batches whose rows each belong to one sequence: a
+    micro-batch takes sequences with consecutive ids in batch order and the
+    same number of tokens from each, grouped by sequence. Returns (order,
+    micro-batch sizes); tests/test_edge_engine.py checks it against the tap.
+    """
+    by_seq: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_seq.setdefault(r.seq, []).append(i)
+    used = [False] * len(rows)
+    nxt = {s: 0 for s in by_seq}  # next unused index into by_seq[s]
+    order: list[int] = []
+    sizes: list[int] = []
+    while len(order) < len(rows):
+        seqs: list[int] = []
+        for i, r in enumerate(rows):
+            if used[i] or r.seq in seqs or (seqs and r.seq != seqs[-1] + 1):
+                continue
+            seqs.append(r.seq)
+            if len(seqs) > n_ubatch:
+                break
+        per_seq: list[list[int]] = [[] for _ in seqs]
+        while all(nxt[s] < len(by_seq[s]) for s in seqs):
+            for k, s in enumerate(seqs):
+                idx = by_seq[s][nxt[s]]
+                per_seq[k].append(idx)
+                used[idx] = True
+                nxt[s] += 1
+            if (len(per_seq[0]) + 1) * len(seqs) > n_ubatch:
+                break
+        chunk = [i for lst in per_seq for i in lst]
+        order.extend(chunk)
+        sizes.append(len(chunk))
+    return order, sizes
 
 
 def prefill(ctx: LlamaContext, tokens: list[int], seq: int = 0, start: int = 0,

@@ -28,6 +28,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _install_service(args: argparse.Namespace) -> int:
+    from fogline.service_install import main
+
+    return main(args)
+
+
+def _edge_serve(args: argparse.Namespace) -> int:
+    from edge_runtime.serve import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fogline", description="Split LLM runtime: edge (llama.cpp) + cloud (PyTorch).")
     parser.add_argument("--version", action="version", version=f"fogline {__version__}")
@@ -41,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a bundle's manifest and re-verify its file hashes")
     p.add_argument("bundle", help="an export directory (with edge/ and cloud/) or one half of it")
     p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("install-service", help="write a systemd unit and a commented default config (kept if present)")
+    from fogline.service_install import add_arguments as add_install_service_arguments  # light: argparse only
+
+    add_install_service_arguments(p)
+    p.set_defaults(handler=_install_service)
+
+    p = sub.add_parser("edge", help="the edge runtime (llama.cpp + OpenAI-compatible API)")
+    edge = p.add_subparsers(dest="edge_command", metavar="EDGE_COMMAND")
+    edge.required = True
+    p = edge.add_parser("serve", help="serve an edge bundle over an OpenAI-compatible HTTP API")
+    from edge_runtime.serve import add_arguments as add_edge_serve_arguments  # light: argparse only
+
+    add_edge_serve_arguments(p)
+    p.set_defaults(handler=_edge_serve)
     return parser
 
 

@@ -1,0 +1,182 @@
+"""The edge daemon's configuration: one frozen dataclass, three sources.
+
+Precedence, lowest to highest: the defaults below, a TOML file
+(`--config edge.toml`, flat keys or an `[edge]` table), `FOGLINE_EDGE_<KEY>`
+environment variables, command-line flags. Every value is checked once, at
+startup, and a bad one is rejected with its key and the reason, so a daemon
+that started is a daemon whose configuration made sense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fogline.errors import ConfigError
+
+ENV_PREFIX = "FOGLINE_EDGE_"
+MODES = ("edge", "collab", "spec", "cloud", "auto")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def physical_cores() -> int:
+    """Threads default to physical cores: llama.cpp gains nothing from SMT siblings."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover - psutil is part of the edge extra
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything `fogline edge serve` can be told. Field comments are the documentation."""
+
+    # The edge half of an export (a directory with manifest.json and edge.gguf).
+    bundle: str = ""
+    # Where the OpenAI-compatible HTTP API listens.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # llama.cpp compute threads; 0 means "the number of physical cores".
+    threads: int = 0
+    # Sequences decoded together in one batch (llama.cpp KV sequences / slots).
+    parallel: int = 4
+    # Tokens (prompt + completion) one request may use; the KV cache holds parallel x ctx_size.
+    ctx_size: int = 2048
+    # Most tokens fed to llama.cpp per step (prompt chunks + one row per decoding sequence).
+    batch_size: int = 512
+    # Requests allowed to wait for a free sequence; beyond it the API answers 429.
+    queue_size: int = 32
+    # Retry-After (seconds) sent with a 429.
+    retry_after_s: int = 1
+    # If set, /v1/* requires `Authorization: Bearer <api_key>`.
+    api_key: str = ""
+    # Model id served by /v1/models and accepted in requests; empty: "fogline-edge-k<K>".
+    model_name: str = ""
+    # Mode used when a request does not say (edge|collab|spec|cloud|auto).
+    default_mode: str = "edge"
+    # Keep h_K (fp16) for every position so it can be uploaded to a cloud later.
+    # With a bundle whose tapped block is the GGUF's last one this costs a Python
+    # callback per graph node and full-vocabulary logits for prompt tokens.
+    capture_hidden: bool = False
+    # Re-hash the bundle's files against its manifest before loading (slow for big GGUFs).
+    verify_bundle: bool = True
+    # Largest accepted request body.
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+    def effective_threads(self) -> int:
+        return self.threads or physical_cores()
+
+    def served_model_name(self, split: int) -> str:
+        return self.model_name or f"fogline-edge-k{split}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The values worth logging at startup (the API key is not one of them)."""
+        d = dataclasses.asdict(self)
+        d["api_key"] = "***" if self.api_key else ""
+        d["threads"] = self.effective_threads()
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(EdgeConfig)}
+
+
+def _coerce(key: str, value: Any, from_text: bool) -> Any:
+    """Convert one raw value to the field's type, or say why it cannot be."""
+    kind = type(_FIELDS[key].default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _validate(cfg: EdgeConfig) -> None:
+    def need(ok: bool, key: str, reason: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {reason} (got {getattr(cfg, key)!r})")
+
+    need(bool(cfg.bundle), "bundle", "required: the edge bundle directory")
+    need(Path(cfg.bundle).is_dir(), "bundle", "is not a directory")
+    need(bool(cfg.host.strip()), "host", "must not be empty")
+    need(0 <= cfg.port <= 65535, "port", "must be in 0..65535 (0: any free port)")
+    need(0 <= cfg.threads <= 512, "threads", "must be in 0..512 (0: physical cores)")
+    need(1 <= cfg.parallel <= 64, "parallel", "must be in 1..64")
+    need(16 <= cfg.ctx_size <= 1 << 20, "ctx_size", "must be in 16..1048576")
+    need(8 <= cfg.batch_size <= 8192, "batch_size", "must be in 8..8192")
+    need(cfg.batch_size >= cfg.parallel, "batch_size", f"must be >= parallel ({cfg.parallel}): "
+         "every decoding sequence needs a row in each step")
+    need(0 <= cfg.queue_size <= 100_000, "queue_size", "must be in 0..100000")
+    need(0 <= cfg.retry_after_s <= 3600, "retry_after_s", "must be in 0..3600")
+    need(cfg.default_mode in MODES, "default_mode", f"must be one of {', '.join(MODES)}")
+    need(cfg.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    need(1024 <= cfg.max_body_bytes <= 1 << 30, "max_body_bytes", "must be in 1024..1073741824")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if "edge" in data and isinstance(data["edge"], dict):
+        data = {**{k: v for k, v in data.items() if k != "edge" and not isinstance(v, dict)}, **data["edge"]}
+    unknown = sorted(k for k in data if k not in _FIELDS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path} (known: {', '.join(_FIELDS)})")
+    return data
+
+
+def load_config(toml_path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> EdgeConfig:
+    """Build the effective config: defaults < TOML < FOGLINE_EDGE_* env < overrides (flags).
+
+    `overrides` values of None mean "flag not given".
+    """
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        path = Path(toml_path)
+        for k, v in _read_toml(path).items():
+            values[k] = _coerce(k, v, from_text=False)
+        if "bundle" in values and not Path(values["bundle"]).is_absolute():
+            values["bundle"] = str((path.parent / values["bundle"]).resolve())
+    env = os.environ if env is None else env
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in _FIELDS:
+            raise ConfigError(f"{name}: unknown setting (known: {', '.join(k.upper() for k in _FIELDS)})")
+        values[key] = _coerce(key, raw, from_text=True)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in _FIELDS:
+            raise ConfigError(f"{k}: unknown setting")
+        values[k] = _coerce(k, v, from_text=isinstance(v, str))
+    cfg = EdgeConfig(**values)
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,88 @@
+"""Edge bundle -> a running engine: verify, load the GGUF, size the context, start the loop.
+
+The manifest says what the bundle is (split K, files and their hashes); nothing
+is inferred from file names except which listed file is the GGUF. A bundle that
+does not match its manifest is refused before llama.cpp sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.chat import ChatTemplate
+from edge_runtime.config import EdgeConfig
+from edge_runtime.engine import Engine
+from edge_runtime.llama_backend import LlamaContext, LlamaModel
+from fogline.errors import BundleError, ConfigError
+from fogline.manifest import Manifest, load_manifest, verify_files
+
+log = logging.getLogger("fogline.edge")
+
+
+@dataclass
+class EdgeRuntime:
+    """Everything the daemon holds for its lifetime; `close()` releases it in order."""
+
+    manifest: Manifest
+    model: LlamaModel
+    ctx: LlamaContext
+    engine: Engine
+    template: ChatTemplate
+    model_name: str
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.ctx.close()
+        self.model.close()
+
+
+def open_bundle(directory: str | Path, verify: bool = True) -> tuple[Manifest, Path]:
+    """Read an edge bundle's manifest (and check its file hashes); return it and its GGUF path."""
+    directory = Path(directory)
+    manifest = load_manifest(directory, role="edge")
+    if verify:
+        problems = verify_files(directory, manifest)
+        if problems:
+            raise BundleError(f"{directory} does not match its manifest: {'; '.join(problems)}")
+    ggufs = [rel for rel in manifest.files if rel.endswith(".gguf")]
+    if len(ggufs) != 1:
+        raise BundleError(f"{directory}/manifest.json lists {len(ggufs)} GGUF files, expected exactly 1")
+    return manifest, directory / ggufs[0]
+
+
+def load_runtime(cfg: EdgeConfig) -> EdgeRuntime:
+    """Blocking (seconds): meant to run in an executor while /health answers 503."""
+    manifest, gguf = open_bundle(cfg.bundle, verify=cfg.verify_bundle)
+    model = LlamaModel(gguf)
+    try:
+        if model.n_layer < manifest.split:
+            raise BundleError(f"{gguf} has {model.n_layer} blocks but the manifest says K={manifest.split}")
+        if cfg.ctx_size > model.n_ctx_train:
+            raise ConfigError(f"ctx_size: must be <= the model's training context {model.n_ctx_train} "
+                              f"(got {cfg.ctx_size})")
+        # One KV stream of ctx_size cells per sequence: a request's cells always hold its
+        # positions in order, so its tokens are bit-identical to decoding it alone.
+        ctx = LlamaContext(model, n_ctx=cfg.parallel * cfg.ctx_size, n_batch=cfg.batch_size,
+                           n_seq=cfg.parallel, n_threads=cfg.effective_threads(),
+                           tap_layer=manifest.split - 1 if cfg.capture_hidden else None, kv_unified=False)
+        if ctx.n_ctx < cfg.parallel * cfg.ctx_size:
+            ctx.close()
+            raise ConfigError(f"ctx_size: llama.cpp gave {ctx.n_ctx} KV cells for {cfg.parallel} x {cfg.ctx_size}")
+    except BaseException:
+        model.close()
+        raise
+    engine = Engine(model, ctx, parallel=cfg.parallel, ctx_size=cfg.ctx_size, batch_size=cfg.batch_size,
+                    queue_size=cfg.queue_size, retry_after_s=cfg.retry_after_s)
+    template = ChatTemplate(model.chat_template(), _special(model, model.bos), _special(model, model.eos))
+    engine.start()
+    name = cfg.served_model_name(manifest.split)
+    log.info("loaded %s: K=%d, %d blocks, vocab %d, n_ctx %d (%d x %d), threads %d, capture_hidden %s",
+             gguf, manifest.split, model.n_layer, model.n_vocab, ctx.n_ctx, cfg.parallel, cfg.ctx_size,
+             cfg.effective_threads(), cfg.capture_hidden)
+    return EdgeRuntime(manifest=manifest, model=model, ctx=ctx, engine=engine, template=template, model_name=name)
+
+
+def _special(model: LlamaModel, token: int) -> str:
+    return model.token_bytes(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""

@@ -1,0 +1,194 @@
+"""Token choice with OpenAI's sampling semantics, plus the text-side stop rules.
+
+A `Sampler` belongs to one request: it owns the request's random generator
+(so `seed` reproduces a completion whatever else is batched with it) and the
+counts the presence/frequency penalties need. It turns one row of logits into a
+`TokenChoice` that also carries what every token source needs to decide and
+report: the chosen token's log-probability and the distribution's confidence.
+
+Log-probabilities (`logprobs`, `top_logprobs`, `confidence`) are those of the
+model's own distribution, before penalties, logit_bias, temperature and
+truncation (what vLLM reports by default): they describe the model, not the
+dice.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_TOP_LOGPROBS = 20
+# top_p first looks at this many best tokens; only if they hold less than top_p
+# of the mass does it sort the whole vocabulary.
+_TOP_P_PREFILTER = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding parameters, already validated by the API layer."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off (an extension; OpenAI has no top_k)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    max_tokens: int | None = None  # None: until the context is full
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # an extension for benchmarks: never stop on end-of-generation tokens
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """A token picked for one position, and by whom."""
+
+    token: int
+    logprob: float  # log p(token) under the model's distribution
+    confidence: float  # max probability of that distribution
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    origin: str = "edge"  # "edge" (exit head) or "cloud" (deep layers)
+
+
+def log_normalizer(logits: np.ndarray) -> tuple[float, float]:
+    """(max logit, log-sum-exp) of one row: enough for any log-probability and the confidence."""
+    m = float(logits.max())
+    return m, m + float(np.log(np.exp(logits - m, dtype=np.float32).sum(dtype=np.float64)))
+
+
+class Sampler:
+    """Stateful per-request sampler (penalty counts and random generator)."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        self.params = params
+        self.n_vocab = n_vocab
+        self.rng = np.random.default_rng(params.seed)
+        self._counts: dict[int, int] = {}
+        self._bias_idx = np.fromiter((int(k) for k in params.logit_bias), dtype=np.int64)
+        self._bias_val = np.fromiter((float(v) for v in params.logit_bias.values()), dtype=np.float32)
+
+    def observe(self, token: int) -> None:
+        """Record a token of the completion (penalties count completion tokens only)."""
+        self._counts[token] = self._counts.get(token, 0) + 1
+
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """Logits after logit_bias and presence/frequency penalties (a copy only when needed)."""
+        p = self.params
+        penal = (p.presence_penalty or p.frequency_penalty) and self._counts
+        if not len(self._bias_idx) and not penal:
+            return logits
+        out = logits.astype(np.float32, copy=True)
+        if len(self._bias_idx):
+            out[self._bias_idx] += self._bias_val
+        if penal:
+            idx = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+            cnt = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+            out[idx] -= cnt * p.frequency_penalty + p.presence_penalty
+        return out
+
+    def choose(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> TokenChoice:
+        """Pick the next token from one row of logits [n_vocab]."""
+        p = self.params
+        m, lse = log_normalizer(logits)
+        z = self.adjusted(logits)
+        if banned:
+            z = z if z is not logits else z.copy()
+            z[list(banned)] = -np.inf
+        if p.temperature == 0.0 or p.top_k == 1:
+            token = int(np.argmax(z))
+        else:
+            token = self._draw(z / np.float32(p.temperature))
+        top: tuple[tuple[int, float], ...] = ()
+        if p.logprobs and p.top_logprobs:
+            k = p.top_logprobs
+            idx = np.argpartition(-logits, k - 1)[:k]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            top = tuple((int(i), float(logits[i]) - lse) for i in idx)
+        return TokenChoice(token=token, logprob=float(logits[token]) - lse,
+                           confidence=float(np.exp(m - lse)), top_logprobs=top)
+
+    def _draw(self, z: np.ndarray) -> int:
+        """Sample from softmax(z) restricted by top_k, then by top_p (nucleus)."""
+        p = self.params
+        n = z.shape[0]
+        zmax = float(z.max())
+        pool = np.argpartition(-z, p.top_k - 1)[:p.top_k] if 0 < p.top_k < n else None
+        if p.top_p < 1.0:
+            if pool is None:
+                total = float(np.exp((z - zmax).astype(np.float64)).sum())
+                k = min(_TOP_P_PREFILTER, n)
+                pool = np.argpartition(-z, k - 1)[:k] if k < n else np.arange(n)
+                may_widen = True
+            else:
+                total = float(np.exp((z[pool] - zmax).astype(np.float64)).sum())
+                may_widen = False
+            pool = pool[np.argsort(-z[pool], kind="stable")]
+            w = np.exp((z[pool] - zmax).astype(np.float64))
+            cum = np.cumsum(w) / total
+            if may_widen and cum[-1] < p.top_p and len(pool) < n:
+                pool = np.argsort(-z, kind="stable")  # the prefilter held too little mass
+                w = np.exp((z[pool] - zmax).astype(np.float64))
+                cum = np.cumsum(w) / total
+            keep = min(int(np.searchsorted(cum, p.top_p, side="left")) + 1, len(pool))
+            pool, w = pool[:keep], w[:keep]
+        else:
+            if pool is None:
+                pool = np.arange(n)
+            w = np.exp((z[pool] - zmax).astype(np.float64))
+        cum = np.cumsum(w)
+        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+        return int(pool[min(i, len(pool) - 1)])
+
+
+class StopMatcher:
+    """Stop strings over streamed text: never emits a stop string, even one split across tokens.
+
+    `push` returns the text that is safe to emit now; text that might be the
+    start of a stop string is held back until the next piece decides it.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[:min(hits)], True
+        hold = 0
+        for k in range(min(len(buf), self._longest - 1), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                hold = k
+                break
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        """The held-back text, at the end of a generation that stopped for another reason."""
+        out, self._held = self._held, ""
+        return out
+
+
+class Utf8Stream:
+    """Token bytes to text: a multi-byte character split across tokens is emitted once whole."""
+
+    def __init__(self) -> None:
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, data: bytes) -> str:
+        return self._dec.decode(data)
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)

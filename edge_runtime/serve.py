@@ -1,0 +1,94 @@
+"""`fogline edge serve`: flags -> EdgeConfig -> the aiohttp daemon, until SIGINT/SIGTERM.
+
+The bundle is checked against its manifest before the server listens (a bad
+bundle is a startup error, exit code 2); the model itself then loads in the
+background while /health answers 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from edge_runtime.config import LOG_LEVELS, MODES, EdgeConfig, load_config
+
+log = logging.getLogger("fogline.edge")
+
+# flag -> config field; each flag overrides TOML and FOGLINE_EDGE_* when given
+_FLAGS: dict[str, str] = {
+    "bundle": "bundle", "host": "host", "port": "port", "threads": "threads", "parallel": "parallel",
+    "ctx_size": "ctx_size", "batch_size": "batch_size", "queue_size": "queue_size", "api_key": "api_key",
+    "model_name": "model_name", "mode": "default_mode", "capture_hidden": "capture_hidden",
+    "verify_bundle": "verify_bundle", "log_level": "log_level",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", help="edge bundle directory (export output's edge/)")
+    p.add_argument("--config", help="TOML file with EdgeConfig keys (flat or under [edge])")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8080; 0 picks a free one)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: physical cores)")
+    p.add_argument("--parallel", type=int, help="sequences decoded together (default 4)")
+    p.add_argument("--ctx-size", type=int, help="tokens per request, prompt + completion (default 2048)")
+    p.add_argument("--batch-size", type=int, help="most tokens per decode step (default 512)")
+    p.add_argument("--queue-size", type=int, help="requests that may wait for a sequence before 429 (default 32)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*")
+    p.add_argument("--model-name", help="model id to serve (default fogline-edge-k<K>)")
+    p.add_argument("--mode", choices=MODES, help="default mode for requests that name none (default edge)")
+    p.add_argument("--capture-hidden", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep h_K of every position for a later cloud upload (default off)")
+    p.add_argument("--verify-bundle", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-hash the bundle's files against its manifest at startup (default on)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+
+
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    overrides = {field: getattr(args, flag, None) for flag, field in _FLAGS.items()}
+    return load_config(getattr(args, "config", None), overrides=overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("effective config: %s", json.dumps(cfg.redacted(), sort_keys=True))
+    from edge_runtime.loader import open_bundle
+
+    open_bundle(cfg.bundle, verify=cfg.verify_bundle)  # refuse a bad bundle before listening
+    return asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: EdgeConfig) -> int:
+    from aiohttp import web
+
+    from edge_runtime.server import RUNTIME, create_app
+
+    app = create_app(cfg)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port)
+        await site.start()
+        for sock in getattr(site._server, "sockets", None) or ():  # the real port when port=0
+            host, port = sock.getsockname()[:2]
+            log.info("listening on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        slot = app[RUNTIME]
+        assert slot.done is not None
+        await slot.done
+        if slot.error is not None:
+            log.error("exiting: %s", slot.error)
+            return 2
+        await stop.wait()
+        log.info("shutting down")
+        return 0
+    finally:
+        await runner.cleanup()

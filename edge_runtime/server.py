@@ -1,0 +1,375 @@
+"""The edge daemon's HTTP API (aiohttp): OpenAI-compatible endpoints, /health, /metrics.
+
+`create_app(config)` builds the application; the llama.cpp runtime is a
+`cleanup_ctx` resource loaded in a worker thread, so the server answers
+/health with 503 while the model loads. Handlers never touch llama.cpp's
+decode: they submit to the engine thread and await its events, which the
+engine hands over with `loop.call_soon_threadsafe`. A handler that ends for
+any reason (finished, client gone, server stopping) cancels its request, which
+frees its KV sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from edge_runtime.config import EdgeConfig
+from edge_runtime.engine import GenerationRequest, StreamEvent
+from edge_runtime.errors import ApiError, ErrorKind, as_api_error, error_body, http_status, invalid
+from edge_runtime.loader import EdgeRuntime, load_runtime
+from edge_runtime.metrics import EdgeMetrics
+from edge_runtime.openai_api import (ApiRequest, ResponseBuilder, finish_error, models_list, parse_chat,
+                                     parse_completion)
+
+log = logging.getLogger("fogline.edge.http")
+
+Loader = Callable[[EdgeConfig], EdgeRuntime]
+
+
+@dataclass
+class RuntimeSlot:
+    """The runtime once loaded, or why it is not (yet)."""
+
+    runtime: EdgeRuntime | None = None
+    error: str | None = None
+    started: float = 0.0
+    done: asyncio.Future[None] | None = None  # resolves when loading ended, either way
+
+
+CONFIG = web.AppKey("config", EdgeConfig)
+RUNTIME = web.AppKey("runtime", RuntimeSlot)
+METRICS = web.AppKey("metrics", EdgeMetrics)
+
+
+def create_app(config: EdgeConfig, *, loader: Loader = load_runtime) -> web.Application:
+    app = web.Application(middlewares=[_error_middleware, _auth_middleware, _metrics_middleware],
+                          client_max_size=config.max_body_bytes)
+    app[CONFIG] = config
+    app[RUNTIME] = RuntimeSlot(started=time.time())
+    app[METRICS] = EdgeMetrics()
+    app.cleanup_ctx.append(_runtime_ctx(loader))
+    app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
+    app.router.add_post("/v1/completions", completions, name="completions")
+    app.router.add_get("/v1/models", list_models, name="models")
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    return app
+
+
+def _runtime_ctx(loader: Loader) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        slot, cfg, m = app[RUNTIME], app[CONFIG], app[METRICS]
+        loop = asyncio.get_running_loop()
+        slot.done = loop.create_future()
+
+        async def load() -> None:
+            try:
+                rt = await loop.run_in_executor(None, loader, cfg)
+            except Exception as e:
+                slot.error = str(e)
+                log.error("could not load the edge runtime: %s", e)
+            else:
+                slot.runtime = rt
+                m.watch(lambda: rt.engine.n_waiting, lambda: rt.engine.n_running)
+                m.ready.set(1)
+                log.info("ready: serving %r", rt.model_name)
+            finally:
+                slot.done.set_result(None)
+
+        task = asyncio.create_task(load())
+        yield
+        await asyncio.shield(task)  # a thread cannot be interrupted; let loading finish, then free it
+        if slot.runtime is not None:
+            m.ready.set(0)
+            await loop.run_in_executor(None, slot.runtime.close)
+            slot.runtime = None
+
+    return runtime_ctx
+
+
+# --------------------------------------------------------------------------- middlewares
+
+
+def error_response(err: ApiError) -> web.Response:
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return web.json_response(error_body(err), status=http_status(err), headers=headers)
+
+
+_HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.PAYLOAD_TOO_LARGE}
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+    """The one place where exceptions become OpenAI-style error bodies."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        kind = _HTTP_KINDS.get(e.status)
+        if kind is None:
+            raise
+        return error_response(ApiError(kind, f"{request.method} {request.path}: {e.reason}"))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as e:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(as_api_error(e))
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    key = request.app[CONFIG].api_key
+    if key and request.path.startswith("/v1/"):
+        got = request.headers.get("Authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(ErrorKind.UNAUTHORIZED, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+    return await handler(request)
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                              ) -> web.StreamResponse:
+    route = request.match_info.route.name or "other"
+    status = "499"  # the client went away before an answer
+    try:
+        resp = await handler(request)
+        status = str(resp.status)
+        return resp
+    except ApiError as e:
+        status = str(http_status(e))
+        raise
+    except web.HTTPException as e:
+        status = str(e.status)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        status = "500"
+        raise
+    finally:
+        if route in ("chat", "completions", "models"):
+            request.app[METRICS].requests.labels(route, status).inc()
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _ready(request: web.Request) -> EdgeRuntime:
+    slot = request.app[RUNTIME]
+    if slot.runtime is None:
+        why = f"the model failed to load: {slot.error}" if slot.error else "the model is still loading"
+        raise ApiError(ErrorKind.UNAVAILABLE, why, retry_after=None if slot.error else 2)
+    if slot.runtime.engine.dead is not None:
+        raise ApiError(ErrorKind.UNAVAILABLE, f"the edge engine died: {slot.runtime.engine.dead}")
+    return slot.runtime
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise invalid("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}") from None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
+    t0 = time.monotonic()
+    rt = _ready(request)
+    cfg = request.app[CONFIG]
+    body = await _json_body(request)
+    parse = parse_chat if kind == "chat" else parse_completion
+    api = parse(body, n_vocab=rt.model.n_vocab, default_mode=cfg.default_mode)
+    if api.model != rt.model_name:
+        raise ApiError(ErrorKind.MODEL_NOT_FOUND, f"model {api.model!r} does not exist here; "
+                       f"this server serves {rt.model_name!r}", param="model")
+    prompt, echo_text = _prompt_tokens(rt, api)
+    rid = uuid.uuid4().hex
+    events = _EventQueue(asyncio.get_running_loop())
+    rt.engine.submit(GenerationRequest(rid, prompt, api.params, api.mode), events.emit)
+    m = request.app[METRICS]
+    m.prompt_tokens.inc(len(prompt))
+    builder = ResponseBuilder(kind=api.kind, model=rt.model_name, piece=rt.model.token_bytes,
+                              fingerprint=f"fogline-{rt.manifest.fingerprint[:12]}-k{rt.manifest.split}",
+                              logprobs=api.params.logprobs)
+    finished = False
+    try:
+        if api.stream:
+            resp = await _stream(request, rt, api, builder, events, _Timing(m, t0))
+        else:
+            resp = await _collect(rt, api, builder, events, _Timing(m, t0), echo_text)
+        finished = True
+        return resp
+    finally:
+        if not finished or not events.finished:
+            rt.engine.cancel(rid)  # client gone or failure: stop generating, free the sequence
+            m.finished.labels("cancelled").inc()
+
+
+def _prompt_tokens(rt: EdgeRuntime, api: ApiRequest) -> tuple[list[int], str]:
+    if api.kind == "chat":
+        assert api.messages is not None
+        return rt.model.tokenize(rt.template.render(api.messages), add_special=True, parse_special=True), ""
+    if api.prompt_tokens is not None:
+        return api.prompt_tokens, (rt.model.detokenize(api.prompt_tokens) if api.echo else "")
+    assert api.prompt_text is not None
+    return (rt.model.tokenize(api.prompt_text, add_special=True, parse_special=True),
+            api.prompt_text if api.echo else "")
+
+
+class _EventQueue:
+    """Engine thread -> event loop. `emit` is called on the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.finished = False
+
+    def emit(self, ev: StreamEvent) -> None:
+        self._loop.call_soon_threadsafe(self._q.put_nowait, ev)
+
+    async def next_batch(self) -> list[StreamEvent]:
+        """Wait for one event, then take whatever else already arrived (one write for many tokens)."""
+        out = [await self._q.get()]
+        while not self._q.empty():
+            out.append(self._q.get_nowait())
+        if out[-1].finish_reason is not None:
+            self.finished = True
+        return out
+
+
+class _Timing:
+    """Feeds one request's latencies and token counts into the metrics."""
+
+    def __init__(self, m: EdgeMetrics, t0: float) -> None:
+        self.m, self.t0, self.last = m, t0, None
+
+    def token(self, ev: StreamEvent) -> None:
+        if self.last is None:
+            self.m.ttft.observe(ev.at - self.t0)
+        else:
+            self.m.itl.observe(ev.at - self.last)
+        self.last = ev.at
+        if ev.choice is not None:
+            self.m.tokens.labels(ev.choice.origin).inc()
+
+    def finish(self, ev: StreamEvent, requested_mode: str) -> None:
+        self.m.duration.observe(ev.at - self.t0)
+        self.m.finished.labels(ev.finish_reason or "unknown").inc()
+        if ev.stats is not None and ev.stats.fallback is not None:
+            self.m.fallbacks.labels(requested_mode).inc()
+
+
+async def _collect(rt: EdgeRuntime, api: ApiRequest, builder: ResponseBuilder, events: _EventQueue,
+                   timing: _Timing, echo_text: str) -> web.Response:
+    while True:
+        for ev in await events.next_batch():
+            if ev.choice is not None:
+                timing.token(ev)
+                builder.add(ev, rt.model.is_eog(ev.choice.token))
+            elif ev.text:
+                builder.add(ev, False)
+            if ev.finish_reason is not None:
+                timing.finish(ev, api.mode)
+                err = finish_error(ev)
+                if err is not None:
+                    raise err
+                return web.json_response(builder.final(ev, echo_text))
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream(request: web.Request, rt: EdgeRuntime, api: ApiRequest, builder: ResponseBuilder,
+                  events: _EventQueue, timing: _Timing) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    if api.kind == "chat":
+        await resp.write(_sse(builder.role_chunk()))
+    while True:
+        out: list[bytes] = []
+        final: StreamEvent | None = None
+        for ev in await events.next_batch():
+            frag = None
+            if ev.choice is not None:
+                timing.token(ev)
+                frag = builder.add(ev, rt.model.is_eog(ev.choice.token))
+            if ev.finish_reason is not None:
+                final = ev
+                if ev.text:
+                    builder.add(ev, False)
+                    out.append(_sse(builder.chunk(ev.text, None)))
+                break
+            if ev.text or frag is not None:
+                out.append(_sse(builder.chunk(ev.text, frag)))
+        if final is not None:
+            timing.finish(final, api.mode)
+            err = finish_error(final)
+            if err is not None:
+                out.append(_sse(error_body(err)))
+            else:
+                out.append(_sse(builder.chunk("", None, final.finish_reason, final.stats)))
+                if api.include_usage:
+                    out.append(_sse(builder.usage_chunk(final)))
+            out.append(b"data: [DONE]\n\n")
+            await resp.write(b"".join(out))
+            await resp.write_eof()
+            return resp
+        if out:
+            await resp.write(b"".join(out))  # raises if the client is gone -> the request is cancelled
+
+
+async def list_models(request: web.Request) -> web.Response:
+    rt = _ready(request)
+    return web.json_response(models_list(rt.model_name, int(request.app[RUNTIME].started)))
+
+
+async def health(request: web.Request) -> web.Response:
+    slot, cfg = request.app[RUNTIME], request.app[CONFIG]
+    body: dict[str, Any] = {"status": "loading", "parallel": cfg.parallel, "capture_hidden": cfg.capture_hidden,
+                            "cloud": {"configured": False, "connected": False}}
+    status = 503
+    if slot.error is not None:
+        body.update(status="error", error=slot.error)
+    elif slot.runtime is not None:
+        rt = slot.runtime
+        body.update(model=rt.model_name, split=rt.manifest.split, fingerprint=rt.manifest.fingerprint,
+                    running=rt.engine.n_running, waiting=rt.engine.n_waiting, steps=rt.engine.steps)
+        if rt.engine.dead is not None:
+            body.update(status="error", error=f"engine died: {rt.engine.dead}")
+        else:
+            body["status"] = "ok"
+            status = 200
+    return web.json_response(body, status=status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
