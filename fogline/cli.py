@@ -28,6 +28,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _install_service(args: argparse.Namespace) -> int:
+    from fogline.service_install import main
+
+    return main(args)
+
+
 def _edge_serve(args: argparse.Namespace) -> int:
     from edge_runtime.serve import main
 
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a bundle's manifest and re-verify its file hashes")
     p.add_argument("bundle", help="an export directory (with edge/ and cloud/) or one half of it")
     p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("install-service", help="write a systemd unit and a commented default config (kept if present)")
+    from fogline.service_install import add_arguments as add_install_service_arguments  # light: argparse only
+
+    add_install_service_arguments(p)
+    p.set_defaults(handler=_install_service)
 
     p = sub.add_parser("edge", help="the edge runtime (llama.cpp + OpenAI-compatible API)")
     edge = p.add_subparsers(dest="edge_command", metavar="EDGE_COMMAND")
