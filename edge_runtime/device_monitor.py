@@ -440,6 +440,18 @@ def _vcgencmd_throttled() -> int | None:
     return parse_throttled(out)
 
 
+def device_state(snapshot: DeviceSnapshot | None, hot_c: float = DEFAULT_HOT_C) -> Any:
+    """The `auto` policy's view of the board (an edge_runtime.policy.DeviceState).
+
+    Unknown counts as "no": a board without sensors is neither hot nor on battery.
+    """
+    from edge_runtime.policy import DeviceState
+
+    if snapshot is None:
+        return DeviceState()
+    return DeviceState(hot=bool(snapshot.is_hot(hot_c)), on_battery=bool(snapshot.on_battery))
+
+
 # --------------------------------------------------------------------------- prometheus
 
 

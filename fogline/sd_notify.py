@@ -196,6 +196,31 @@ async def run_watchdog(healthy: HealthCheck, *, notifier: Notifier | None = None
         await asyncio.sleep(interval_s)
 
 
+class ProgressWatch:
+    """A health check for a worker loop: unhealthy once it has work but its progress
+    counter stayed put for `patience` consecutive checks.
+
+    With `run_watchdog` checking every WatchdogSec/2, patience=2 means a loop that
+    made no step for about one WatchdogSec stops the pings, and systemd restarts
+    the service one WatchdogSec later. Raise WatchdogSec (a drop-in) where one step
+    can legitimately take that long (a long prompt on a big model on a Pi).
+    """
+
+    def __init__(self, progress: Callable[[], int], busy: Callable[[], bool], patience: int = 2) -> None:
+        self._progress, self._busy, self.patience = progress, busy, patience
+        self._last: int | None = None
+        self.stale = 0
+
+    def __call__(self) -> bool:
+        now = self._progress()
+        if not self._busy() or now != self._last:
+            self.stale = 0
+        else:
+            self.stale += 1
+        self._last = now
+        return self.stale < self.patience
+
+
 def start_watchdog(healthy: HealthCheck, *, notifier: Notifier | None = None,
                    env: Mapping[str, str] | None = None) -> asyncio.Task[None] | None:
     """Start `run_watchdog` as a task on the running loop; None when systemd is not watching.

@@ -9,7 +9,8 @@ import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edge_runtime.device_monitor import DeviceMonitor, DeviceSnapshot, parse_throttled, register_device_metrics
+from edge_runtime.device_monitor import (DeviceMonitor, DeviceSnapshot, device_state, parse_throttled,
+                                         register_device_metrics)
 
 MEMINFO = """MemTotal:        3884512 kB
 MemFree:          812344 kB
@@ -196,6 +197,16 @@ def test_health_rendering(laptop: Path) -> None:
     assert h["temperature_c"] == {"cpu": None, "max": None, "zones": {}}
     assert h["memory"]["available_ratio"] == round(2105688 / 3884512, 3)
     assert h["load"] == {"1m": 1.52, "5m": 0.98, "15m": 0.61, "cpus": 8}
+
+
+def test_policy_view(raspberry_pi: Path, laptop: Path, tmp_path: Path) -> None:
+    from edge_runtime.policy import DeviceState
+
+    assert device_state(DeviceMonitor(raspberry_pi).sample()) == DeviceState(hot=True, on_battery=False)
+    assert device_state(DeviceMonitor(laptop).sample()) == DeviceState(hot=False, on_battery=True)
+    (tmp_path / "empty").mkdir()
+    assert device_state(DeviceMonitor(tmp_path / "empty").sample()) == DeviceState()
+    assert device_state(None) == DeviceState()
 
 
 def test_parse_throttled() -> None:

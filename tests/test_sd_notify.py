@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fogline import sd_notify
-from fogline.sd_notify import Notifier, run_watchdog, start_watchdog, watchdog_interval
+from fogline.sd_notify import Notifier, ProgressWatch, run_watchdog, start_watchdog, watchdog_interval
 
 _CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
@@ -192,3 +192,17 @@ async def test_start_watchdog_from_the_environment(path_listener: tuple[Listener
     await asyncio.sleep(0)  # let it run its first round
     assert listener.recv()[0] == "WATCHDOG=1"
     task.cancel()
+
+
+def test_progress_watch() -> None:
+    steps, busy = [0], [False]
+    watch = ProgressWatch(lambda: steps[0], lambda: busy[0], patience=2)
+    assert watch() and watch() and watch()  # idle: never unhealthy, however long
+    busy[0] = True
+    assert watch()  # busy, no step since the last check: tolerated once
+    assert not watch()  # a second check with work and no step
+    steps[0] += 1
+    assert watch()  # it moved again
+    assert watch() is True and watch() is False
+    busy[0] = False
+    assert watch()
