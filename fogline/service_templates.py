@@ -255,7 +255,7 @@ bundle = "/var/lib/fogline/bundle/edge"
 
 # --- the cloud link and the auto policy (read by fogline versions with collab mode) ---
 # The cloud's websocket URL; the token goes in edge.env as FOGLINE_EDGE_CLOUD_TOKEN.
-#cloud_url = "ws://cloud.example:8090/v1/session"
+#cloud_url = "ws://cloud.example:8700"
 # collab: emit at the edge when the exit's confidence >= tau, else ask the cloud.
 #tau = 0.8
 # auto: the per-token latency target (ms/token) a request gets unless it says
@@ -274,36 +274,47 @@ CLOUD_CONFIG = """\
 # fogline cloud daemon configuration — read by `fogline cloud serve --config` (fogline @VERSION@).
 #
 # Written once by `fogline install-service --role cloud`; upgrades never overwrite it.
-# Every line below shows the default; uncomment to change it. Secrets belong in
-# @CONFIG_DIR@/cloud.env (mode 0600), not here.
+# Precedence, lowest first: built-in defaults < this file < FOGLINE_CLOUD_<KEY>
+# environment variables (e.g. in @CONFIG_DIR@/cloud.env) < command-line flags.
+# Every line below shows the default; uncomment to change it. Keys may also sit
+# under a [cloud] table.
 
 # The cloud half of an export (bundle/cloud). Its manifest must match the edges'
 # (same model fingerprint and split K) or they refuse to pair.
 bundle = "/var/lib/fogline/bundle/cloud"
 
-# Where the websocket server listens. Edges connect from other machines, so this
-# is usually 0.0.0.0; the link is plain TCP: put it behind TLS or a VPN (WireGuard).
-#host = "0.0.0.0"
-#port = 8090
+# Where the websocket server listens. Edges on other machines need 0.0.0.0 (and a
+# token, below); the link is plain TCP: put it behind TLS or a VPN (WireGuard).
+#host = "127.0.0.1"
+#port = 8700
 
-# torch device and dtype of the deep layers: cpu | cuda | cuda:1 ..., float32 | float16 | bfloat16.
-#device = "cuda"
-#dtype = "float16"
+# torch device and dtype of the deep layers and their KV cache:
+# "cpu" or "cuda[:n]"; "float32" | "bfloat16" | "float16".
+#device = "cpu"
+#dtype = "float32"
+# torch intra-op threads; 0 = torch's default (all cores).
+#threads = 0
 
-# Edges must present this token in the handshake: FOGLINE_CLOUD_TOKEN=... in cloud.env.
+# Edges must present this token in the handshake. Do not write it here (this file
+# is world-readable): put FOGLINE_CLOUD_TOKEN=... in @CONFIG_DIR@/cloud.env (mode 0600).
 #token = ""
 
-# Bytes of KV cache all sessions may hold together; a new session beyond it gets a
-# typed `overloaded` error (the edge then finishes in edge mode).
+# Bytes of KV cache all sessions may hold together; least recently used sessions
+# are evicted beyond it (an edge that comes back replays its history).
 #kv_budget_bytes = 2147483648
 
-# Sessions idle this long are dropped (an edge that comes back replays its history).
-#session_ttl_s = 600
+# Sessions idle this long are dropped.
+#session_ttl_s = 900.0
 
-# How long the batcher waits to gather steps from several sessions into one pass.
-#gather_window_ms = 2
+# How long the batcher waits after a step arrives to gather other sessions' steps
+# into the same forward pass.
+#batch_window_ms = 2.0
 
-#log_level = "info"
+# Steps waiting for the model; beyond it requests get a typed `overloaded` error
+# (the edge treats that like a slow cloud).
+#max_queue = 1024
+
+#log_level = "INFO"
 """
 
 CLOUD_ENV = """\

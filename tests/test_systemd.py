@@ -215,12 +215,22 @@ def test_edge_example_config_matches_the_edge_daemon(tmp_path: Path) -> None:
     assert set(shown) >= {"host", "port", "threads", "parallel", "ctx_size", "queue_size", "default_mode"}
 
 
-def test_cloud_example_config_is_valid_toml_with_documented_keys() -> None:
+def test_cloud_example_config_matches_the_cloud_daemon(tmp_path: Path) -> None:
     text = si.render_config("cloud")
     assert tomllib.loads(text) == {"bundle": "/var/lib/fogline/bundle/cloud"}
     shown = _commented_settings(text)
     assert set(shown) >= {"host", "port", "device", "dtype", "token", "kv_budget_bytes", "session_ttl_s",
-                          "gather_window_ms"}
+                          "batch_window_ms"}
+    config = pytest.importorskip("cloud_runtime.config", reason="the cloud daemon's config is not in this tree yet")
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config.CloudConfig)}
+    for key, value in shown.items():
+        assert key in defaults, f"example shows {key!r}, which CloudConfig does not have"
+        assert defaults[key] == value, key
+    cfg_file = tmp_path / "cloud.toml"
+    cfg_file.write_text(text)
+    assert str(config.load_config(cfg_file, env={}).bundle) == "/var/lib/fogline/bundle/cloud"
 
 
 # --------------------------------------------------------------------------- install_service
