@@ -1,15 +1,23 @@
 """The deep layers [K, L) + final norm + LM head, in plain PyTorch (gpt-fast style).
 
-Weights keep Hugging Face names and layout (`model.layers.{i}.self_attn.q_proj`
-...), so the cloud shard is an ordinary safetensors file. The model owns no KV
-cache: each session brings its own `KVCache` (from the session store's
-allocator), and one forward pass can serve several sessions at once
-(`forward_ragged`): projections and MLP run on all their tokens together,
-attention runs per session against that session's cache.
+The cloud shard keeps Hugging Face names and layout (`model.layers.{i}.self_attn.q_proj`
+...), so it is an ordinary safetensors file; at load time q/k/v are fused into
+one projection and gate/up into another (fewer, larger matmuls — on a small
+model each op's fixed cost matters as much as its FLOPs).
+
+The model owns no KV cache: each session brings its own `KVCache` (from the
+session store), and one forward pass can serve several sessions at once
+(`forward_ragged`): norms, projections and the MLP run on all their tokens
+together, attention runs per session against that session's cache, with
+grouped-query attention done by SDPA itself (no repeat_interleave copies).
+
+`split=0` builds the whole model (with the token embedding): the benchmark's
+K=0 case, and a handy reference.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fogline.arch import ArchSpec
+
+log = logging.getLogger("fogline.cloud.model")
 
 
 def rope_inv_freq(spec: ArchSpec) -> Tensor:
@@ -46,54 +56,34 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, spec: ArchSpec) -> None:
-        super().__init__()
-        d, hd = spec.hidden_size, spec.head_dim
-        self.n_heads, self.n_kv, self.hd = spec.n_heads, spec.n_kv_heads, hd
-        self.q_proj = nn.Linear(d, spec.n_heads * hd, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(spec.n_heads * hd, d, bias=False)
-
-
-class MLP(nn.Module):
-    def __init__(self, spec: ArchSpec) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Exactly Hugging Face's LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class Block(nn.Module):
+    """One decoder layer with fused projections.
+
+    wqkv: [(H + 2*Hkv) * hd, D] = cat(q_proj, k_proj, v_proj); w13: [2*I, D] = cat(gate, up).
+    """
+
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        d, hd, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+        self.wqkv = nn.Linear(d, (spec.n_heads + 2 * spec.n_kv_heads) * hd, bias=spec.qkv_bias)
+        self.wo = nn.Linear(spec.n_heads * hd, d, bias=False)
+        self.w13 = nn.Linear(d, 2 * i, bias=False)
+        self.w2 = nn.Linear(i, d, bias=False)
+        self.attn_norm = nn.Parameter(torch.ones(d))
+        self.mlp_norm = nn.Parameter(torch.ones(d))
 
 
 class KVCache:
-    """One session's keys/values for the deep layers, grown in chunks.
+    """One session's keys/values for the deep layers, preallocated, grown in chunks.
 
-    k, v: [n_deep_layers, n_kv_heads, capacity, head_dim]; `length` positions valid.
+    k, v: [n_deep_layers, n_kv_heads, capacity, head_dim]; positions [0, length) are valid.
     """
 
     CHUNK = 256
@@ -111,10 +101,15 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def bytes_for(self, needed: int) -> int:
+        """nbytes() after reserve(needed)."""
+        cap = max(self.capacity, -(-needed // self.CHUNK) * self.CHUNK)
+        return self.nbytes() // self.capacity * cap
+
     def reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        new_cap = ((needed + self.CHUNK - 1) // self.CHUNK) * self.CHUNK
+        new_cap = -(-needed // self.CHUNK) * self.CHUNK
         pad = new_cap - self.capacity
         self.k = F.pad(self.k, (0, 0, 0, pad))
         self.v = F.pad(self.v, (0, 0, 0, pad))
@@ -129,47 +124,122 @@ class Segment:
 
     hidden: Tensor  # [T, D]
     cache: KVCache
-    start: int  # position of hidden[0]; must equal cache.length
+    start: int  # position of hidden[0]; equals cache.length (or a later segment of the same cache)
 
 
 class DeepModel(nn.Module):
     def __init__(self, spec: ArchSpec, split: int) -> None:
         super().__init__()
-        spec.check_split(split)
+        if split != 0:
+            spec.check_split(split)
         self.spec, self.split = spec, split
         self.layers = nn.ModuleList(Block(spec) for _ in range(split, spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = nn.Parameter(torch.ones(spec.hidden_size))
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        # split=0: the whole model, so it also needs the token embedding.
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size) if split == 0 else None
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        self._gemv: Any = None  # compiled single-row matmul, see enable_fast_gemv()
 
     @property
     def n_deep(self) -> int:
         return len(self.layers)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
     def new_cache(self, capacity: int = KVCache.CHUNK) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.n_deep, self.spec.n_kv_heads, self.spec.head_dim, p.dtype, p.device, capacity)
+        return KVCache(self.n_deep, self.spec.n_kv_heads, self.spec.head_dim, self.dtype, self.device, capacity)
+
+    def kv_bytes_per_position(self) -> int:
+        return 2 * self.n_deep * self.spec.n_kv_heads * self.spec.head_dim * torch.finfo(self.dtype).bits // 8
 
     def load_shard(self, tensors: dict[str, Tensor]) -> None:
         """Load HF-named tensors (`model.layers.{i}...` with the source's layer index)."""
+        spec = self.spec
         mapped: dict[str, Tensor] = {}
+        per_layer: dict[int, dict[str, Tensor]] = {}
         for name, t in tensors.items():
             if name.startswith("model.layers."):
                 idx, rest = name[len("model.layers."):].split(".", 1)
-                mapped[f"layers.{int(idx) - self.split}.{rest}"] = t
+                if int(idx) >= self.split:
+                    per_layer.setdefault(int(idx) - self.split, {})[rest] = t
             elif name == "model.norm.weight":
-                mapped["norm.weight"] = t
+                mapped["norm"] = t
             elif name == "lm_head.weight":
                 mapped["lm_head.weight"] = t
+            elif name == "model.embed_tokens.weight" and self.embed_tokens is not None:
+                mapped["embed_tokens.weight"] = t
+        if self.embed_tokens is not None and "lm_head.weight" not in mapped and "embed_tokens.weight" in mapped:
+            mapped["lm_head.weight"] = mapped["embed_tokens.weight"]  # tied embeddings
+        for li, w in per_layer.items():
+            try:
+                mapped[f"layers.{li}.wqkv.weight"] = torch.cat(
+                    [w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]])
+                if spec.qkv_bias:
+                    mapped[f"layers.{li}.wqkv.bias"] = torch.cat(
+                        [w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]])
+                mapped[f"layers.{li}.wo.weight"] = w["self_attn.o_proj.weight"]
+                mapped[f"layers.{li}.w13.weight"] = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
+                mapped[f"layers.{li}.w2.weight"] = w["mlp.down_proj.weight"]
+                mapped[f"layers.{li}.attn_norm"] = w["input_layernorm.weight"]
+                mapped[f"layers.{li}.mlp_norm"] = w["post_attention_layernorm.weight"]
+            except KeyError as e:
+                raise ValueError(f"cloud shard mismatch: layer {li + self.split} lacks {e.args[0]}") from None
         missing, unexpected = self.load_state_dict(mapped, strict=False)
         if missing or unexpected:
             raise ValueError(f"cloud shard mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
+    def _linears(self) -> list[nn.Linear]:
+        return [m for m in self.modules() if isinstance(m, nn.Linear)]
+
+    def enable_fast_gemv(self) -> bool:
+        """Single-row matmuls (one session decoding one token) as a compiled fused multiply-reduce.
+
+        MKL's sgemv streams the weights at roughly half the memory bandwidth an inductor
+        reduction loop reaches on CPUs like this one, and single-token decode is bound
+        by exactly that stream. One compile per distinct weight shape (5 for a Llama),
+        checked against F.linear; returns False (eager stays) when compiling fails.
+        """
+        try:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            fn = torch.compile(_gemv, dynamic=False, fullgraph=True)
+            shapes = {tuple(m.weight.shape): m.weight for m in self._linears()}
+            with torch.inference_mode():
+                for w in shapes.values():
+                    x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
+                    ref = F.linear(x, w)
+                    if not torch.allclose(fn(x, w).float(), ref.float(), rtol=1e-2, atol=1e-3 * float(ref.abs().max())):
+                        log.warning("compiled gemv disagrees with F.linear for %s; not using it", tuple(w.shape))
+                        return False
+        except Exception as e:  # no C++ compiler, unsupported device, ...
+            log.warning("fast gemv unavailable: %s", str(e).splitlines()[0][:200])
+            return False
+        self._gemv = fn
+        return True
+
+    def _lin(self, x: Tensor, lin: nn.Linear) -> Tensor:
+        if self._gemv is not None and x.shape[0] == 1:
+            y = self._gemv(x, lin.weight)
+            return y if lin.bias is None else y + lin.bias
+        return lin(x)
+
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        dtype = self.lm_head.weight.dtype
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [N, 1, hd]
+
+    @torch.inference_mode()
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids [T] -> h_0 [T, D] (whole model only)."""
+        if self.embed_tokens is None:
+            raise RuntimeError("embed() needs a whole model (split=0)")
+        return self.embed_tokens(tokens)
 
     @torch.inference_mode()
     def forward_ragged(self, segments: list[Segment]) -> Tensor:
@@ -177,73 +247,72 @@ class DeepModel(nn.Module):
 
         Returns the final-normed hidden states [sum T, D] in segment order; apply
         `logits()` to the rows you need (usually the last of each segment).
+        Segments of the same cache must be consecutive (later ones continue earlier ones).
         """
-        dtype = self.lm_head.weight.dtype
+        spec = self.spec
+        hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
+        eps = spec.rms_norm_eps
         lens = [s.hidden.shape[0] for s in segments]
-        x = torch.cat([s.hidden.to(dtype) for s in segments], dim=0)  # [N, D]
-        positions = torch.cat([torch.arange(s.start, s.start + n, device=x.device)
-                               for s, n in zip(segments, lens)])
-        cos, sin = self._rope(positions)  # [N, hd]
+        x = torch.cat([s.hidden.to(self.device, self.dtype) for s in segments], dim=0)  # [N, D]
+        positions = torch.cat([torch.arange(s.start, s.start + n) for s, n in zip(segments, lens)])
+        cos, sin = self._rope(positions.to(self.device))  # [N, 1, hd]
         for s, n in zip(segments, lens):
             s.cache.reserve(s.start + n)
-        hd, nh, nkv = self.spec.head_dim, self.spec.n_heads, self.spec.n_kv_heads
+        # Causal masks for multi-token segments (single-token queries see every key).
+        masks = [None if n == 1 else _causal_mask(s.start, n, x.device) for s, n in zip(segments, lens)]
+        n_qk = (nh + nkv) * hd
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, nh, hd)
-            k = attn.k_proj(h).view(-1, nkv, hd)
-            v = attn.v_proj(h).view(-1, nkv, hd)
-            q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-            k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+            qkv = self._lin(rms_norm(x, layer.attn_norm, eps), layer.wqkv)  # [N, (H+2Hkv)*hd]
+            qk = qkv[:, :n_qk].view(-1, nh + nkv, hd)
+            qk = qk * cos + rotate_half(qk) * sin  # rope on q and k in one go
+            q, k = qk[:, :nh], qk[:, nh:]  # [N, H, hd], [N, Hkv, hd]
+            v = qkv[:, n_qk:].view(-1, nkv, hd)
             outs = []
             off = 0
-            for s, n in zip(segments, lens):
-                c, end = s.cache, s.start + n
-                c.k[li, :, s.start:end] = k[off:off + n].transpose(0, 1)
-                c.v[li, :, s.start:end] = v[off:off + n].transpose(0, 1)
-                outs.append(_attend(q[off:off + n], c.k[li, :, :end], c.v[li, :, :end], s.start))
+            for s, n, mask in zip(segments, lens, masks):
+                ck, cv, end = s.cache.k[li], s.cache.v[li], s.start + n  # [Hkv, cap, hd]
+                ck[:, s.start:end] = k[off:off + n].transpose(0, 1)
+                cv[:, s.start:end] = v[off:off + n].transpose(0, 1)
+                o = F.scaled_dot_product_attention(q[off:off + n].transpose(0, 1), ck[:, :end], cv[:, :end],
+                                                   attn_mask=mask, enable_gqa=nkv != nh)  # [H, T, hd]
+                outs.append(o.transpose(0, 1).reshape(n, nh * hd))
                 off += n
-            x = x + attn.o_proj(torch.cat(outs, dim=0))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._lin(outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), layer.wo)
+            gate, up = self._lin(rms_norm(x, layer.mlp_norm, eps), layer.w13).chunk(2, dim=-1)
+            x = x + self._lin(F.silu(gate) * up, layer.w2)
         for s, n in zip(segments, lens):
             s.cache.length = s.start + n
-        return self.norm(x)
+        return rms_norm(x, self.norm, eps)
 
+    @torch.inference_mode()
     def logits(self, normed: Tensor) -> Tensor:
-        return self.lm_head(normed).float()
+        """[R, D] -> float32 [R, V]."""
+        return self._lin(normed, self.lm_head).float()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
-    """Causal attention of T new queries at positions [start, start+T) over S=start+T keys.
+def _gemv(x: Tensor, w: Tensor) -> Tensor:
+    """[1, I] x [O, I] -> [1, O], written as a reduction so inductor streams w once."""
+    return (x[:, None, :] * w[None]).sum(-1)
 
-    q: [T, H, hd]; k, v: [Hkv, S, hd] -> [T, H*hd]
-    """
-    t, nh, hd = q.shape
-    nkv = k.shape[0]
-    qh = q.transpose(0, 1)  # [H, T, hd]
-    if nkv != nh:
-        k = k.repeat_interleave(nh // nkv, dim=0)
-        v = v.repeat_interleave(nh // nkv, dim=0)
-    if t == 1:
-        out = F.scaled_dot_product_attention(qh, k, v)  # a single query sees every key
-    else:
-        s = k.shape[1]
-        mask = torch.arange(s, device=q.device)[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask)
-    return out.transpose(0, 1).reshape(t, nh * hd)
+
+def _causal_mask(start: int, t: int, device: torch.device) -> Tensor:
+    """[T, start+T] bool: query i (position start+i) sees keys 0..start+i."""
+    s = start + t
+    return torch.arange(s, device=device)[None, :] <= (start + torch.arange(t, device=device))[:, None]
 
 
 def load_deep_model(spec: ArchSpec, split: int, tensors: dict[str, Tensor],
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DeepModel:
+    """Build the model for layers [split, L) from HF-named tensors (split=0: the whole model)."""
     with torch.device("meta"):
         model = DeepModel(spec, split)
     model = model.to_empty(device=device)
     model.load_shard({k: v.to(dtype) for k, v in tensors.items()})
-    model = model.to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
     model.inv_freq = rope_inv_freq(spec).to(device)  # rope angles stay float32 under bf16
     return model
 
 
 def describe(model: DeepModel) -> dict[str, Any]:
-    return {"layers": [model.split, model.spec.n_layers], "dtype": str(model.lm_head.weight.dtype),
+    return {"layers": [model.split, model.spec.n_layers], "dtype": str(model.dtype),
             "params": sum(p.numel() for p in model.parameters())}

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="an export directory (with edge/ and cloud/) or one half of it")
     p.set_defaults(handler=_inspect)
 
+    p = sub.add_parser("cloud", help="the cloud half: serve the deep layers to edges")
+    cloud_sub = p.add_subparsers(dest="cloud_command", metavar="COMMAND")
+    cloud_sub.required = True
+    p = cloud_sub.add_parser("serve", help="serve a cloud bundle to edges over websockets")
+    _add_cloud_serve_arguments(p)
+    p.set_defaults(handler=_cloud_serve)
+
     p = sub.add_parser("install-service", help="write a systemd unit and a commented default config (kept if present)")
     from fogline.service_install import add_arguments as add_install_service_arguments  # light: argparse only
 
@@ -69,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_edge_serve_arguments(p)
     p.set_defaults(handler=_edge_serve)
     return parser
+
+
+def _cloud_serve(args: argparse.Namespace) -> int:
+    from cloud_runtime.server import main
+
+    return main(args)
+
+
+def _add_cloud_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from cloud_runtime.config import add_arguments  # torch-free
+
+    add_arguments(p)
 
 
 def _add_export_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,187 @@
+"""Cross-session batching: steps of different sessions that are ready together
+run as one `forward_ragged` pass.
+
+The loop (vLLM's step, in miniature): take the first waiting step, gather more
+for up to `window` seconds (stopping early once as many sessions are waiting
+as took part in the previous pass), run the pass in the model thread, hand
+each step its logits rows, repeat. While a pass runs, new steps queue up, so a
+busy server batches without waiting at all.
+
+A step's `finish` callback runs in the model thread on that step's logits
+(sampling, verification), so torch never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloud_runtime.deep_model import DeepModel, Segment
+from cloud_runtime.metrics import CloudMetrics
+from cloud_runtime.sessions import Session
+from fogline.wire.errors import InternalError, Overloaded, ShuttingDown
+
+log = logging.getLogger("fogline.cloud.batcher")
+
+
+@dataclass(eq=False)
+class Step:
+    """h_K rows [start, start+T) of one session, and what to do with the logits."""
+
+    session: Session
+    start: int
+    hidden: np.ndarray  # [T, D] float32
+    logit_rows: str  # "none" (append), "last" (infer), "all" (verify)
+    finish: Callable[[torch.Tensor | None], Any]  # runs in the model thread; its result is the step's
+    future: asyncio.Future[Any] = field(default=None)  # type: ignore[assignment]
+    queued_at: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+class Batcher:
+    def __init__(self, model: DeepModel, metrics: CloudMetrics, *, window_s: float, max_tokens: int,
+                 max_queue: int, executor: ThreadPoolExecutor) -> None:
+        self.model = model
+        self.metrics = metrics
+        self.window_s = window_s
+        self.max_tokens = max_tokens
+        self.max_queue = max_queue
+        self.executor = executor
+        self._queue: asyncio.Queue[Step] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._last_batch = 0
+        self._closed = False
+        self.passes = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="fogline-batcher")
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while not self._queue.empty():
+            step = self._queue.get_nowait()
+            if not step.future.done():
+                step.future.set_exception(ShuttingDown("server is shutting down", retry_after=1.0))
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, step: Step) -> Any:
+        if self._closed:
+            raise ShuttingDown("server is shutting down", retry_after=1.0)
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"{self._queue.qsize()} steps are waiting for the model", retry_after=0.2)
+        step.future = asyncio.get_running_loop().create_future()
+        step.queued_at = time.perf_counter()
+        self._queue.put_nowait(step)
+        try:
+            return await asyncio.shield(step.future)
+        except asyncio.CancelledError:
+            # The caller holds the session lock: never release it while the model thread may
+            # still be writing this session's cache.
+            if not step.future.done():
+                await asyncio.wait({step.future})
+            raise
+
+    async def _gather(self) -> list[Step]:
+        first = await self._queue.get()
+        batch, tokens = [first], first.rows
+        target = max(self._last_batch, 1)
+        deadline = time.perf_counter() + self.window_s
+        while tokens < self.max_tokens:
+            if self._queue.empty():
+                remaining = deadline - time.perf_counter()
+                if len(batch) >= target or remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                nxt = self._queue.get_nowait()
+            if tokens + nxt.rows > self.max_tokens and batch:
+                self._queue.put_nowait(nxt)  # goes to the back; fine: it runs in the next pass
+                break
+            batch.append(nxt)
+            tokens += nxt.rows
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            batch = [s for s in batch if not s.future.done()]
+            if not batch:
+                continue
+            self._last_batch = len(batch)
+            now = time.perf_counter()
+            for s in batch:
+                self.metrics.queue_wait_seconds.observe(now - s.queued_at)
+            try:
+                results = await loop.run_in_executor(self.executor, self._execute, batch)
+            except Exception as e:  # a model failure: the sessions' caches may be half-written
+                log.exception("forward pass over %d steps failed", len(batch))
+                for s in batch:
+                    s.session.cache.truncate(s.start)
+                    if not s.future.done():
+                        s.future.set_exception(InternalError(f"deep-layer pass failed: {type(e).__name__}: "
+                                                             f"{str(e)[:200]}"))
+                continue
+            for s, r in zip(batch, results):
+                if s.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    s.future.set_exception(r)
+                else:
+                    s.future.set_result(r)
+
+    def _execute(self, batch: list[Step]) -> list[Any]:
+        """Model thread: one ragged pass, then each step's finish on its logits rows."""
+        t0 = time.perf_counter()
+        segments = [Segment(torch.from_numpy(s.hidden), s.session.cache, s.start) for s in batch]
+        normed = self.model.forward_ragged(segments)
+        offsets, rows = [], []
+        off = 0
+        for s in batch:
+            if s.logit_rows == "last":
+                rows.append(off + s.rows - 1)
+            elif s.logit_rows == "all":
+                rows.extend(range(off, off + s.rows))
+            off += s.rows
+        logits = self.model.logits(normed[rows]) if rows else None
+        results: list[Any] = []
+        i = 0
+        for s in batch:
+            n = 0 if s.logit_rows == "none" else (1 if s.logit_rows == "last" else s.rows)
+            mine = logits[i:i + n] if (logits is not None and n) else None
+            i += n
+            try:
+                results.append(s.finish(mine))
+            except Exception as e:  # a bug in one step's post-processing fails that step only
+                log.exception("finishing a step of session %s failed", s.session.sid)
+                results.append(InternalError(f"post-processing failed: {type(e).__name__}"))
+        dt = time.perf_counter() - t0
+        self.passes += 1
+        self.metrics.forward_seconds.observe(dt)
+        self.metrics.batch_sessions.observe(len(batch))
+        self.metrics.batch_rows.observe(off)
+        self.metrics.tokens.inc(off)
+        return results

@@ -1,0 +1,152 @@
+"""The cloud process's one configuration object.
+
+Precedence: defaults < TOML file (`--config cloud.toml`, keys = field names) <
+environment (`FOGLINE_CLOUD_<FIELD>`, e.g. FOGLINE_CLOUD_TOKEN) < command-line
+flags. Torch-free, so `fogline --help` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fogline.errors import ConfigError
+
+ENV_PREFIX = "FOGLINE_CLOUD_"
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    bundle: Path  # DIR/cloud of an export (deep.safetensors, config.json, manifest.json)
+    host: str = "127.0.0.1"  # listen address; 0.0.0.0 to serve other machines
+    port: int = 8700  # 0 picks a free port (printed on startup)
+    device: str = "cpu"  # "cpu" or "cuda[:n]"
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16" for the deep layers and KV cache
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    fast_gemv: bool = False  # compile a fused single-row matmul (inductor, needs a C++ compiler;
+    #                          ~2x faster single-session decode on CPU, 10-60 s startup)
+    token: str = ""  # bearer token edges must present ("" = no auth: development only)
+    verify_bundle: bool = True  # re-check the bundle's file hashes on startup
+    max_frame_bytes: int = 8 << 20  # largest websocket frame accepted
+    max_rows_per_frame: int = 4096  # most h_K rows in one append/infer/verify
+    max_context: int = 0  # positions per session; 0 = the model's max_position_embeddings
+    kv_budget_bytes: int = 2 << 30  # all sessions' KV caches together; LRU eviction beyond
+    session_ttl_s: float = 900.0  # an idle session is dropped after this long
+    reap_interval_s: float = 5.0  # how often the TTL reaper runs
+    batch_window_ms: float = 2.0  # after a step arrives, wait this long for other sessions' steps
+    max_batch_tokens: int = 4096  # rows in one forward pass
+    max_queue: int = 1024  # steps waiting for the model; beyond this requests get `overloaded`
+    max_inflight_per_connection: int = 256  # concurrent requests one websocket may have
+    max_bad_frames: int = 64  # malformed frames tolerated per connection before it is closed
+    hello_timeout_s: float = 10.0  # a connection must say hello within this long
+    shutdown_grace_s: float = 10.0  # on shutdown, wait this long for in-flight steps
+    codecs: tuple[str, ...] = ("fp32", "fp16", "int8")  # hidden-state codecs accepted
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype {self.dtype!r} must be float32, bfloat16 or float16")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device {self.device!r} must be 'cpu' or 'cuda[:n]'")
+        for name in ("max_frame_bytes", "max_rows_per_frame", "kv_budget_bytes", "max_batch_tokens",
+                     "max_queue", "max_inflight_per_connection"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is outside [0, 65535]")
+        bad = set(self.codecs) - {"fp32", "fp16", "int8"}
+        if bad or not self.codecs:
+            raise ConfigError(f"codecs must be a non-empty subset of fp32, fp16, int8 (got {sorted(bad)})")
+        for name in ("session_ttl_s", "reap_interval_s", "batch_window_ms", "hello_timeout_s", "shutdown_grace_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    """Turn a TOML/env/flag value into the field's type (strings from the environment included)."""
+    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if t == "Path":
+            return Path(value)
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if t == "int":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if t == "float":
+            return float(value)
+        if t.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(x).strip() for x in items if str(x).strip())
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a valid {t}") from None
+
+
+def load_config(toml_path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> CloudConfig:
+    fields = {f.name: f for f in dataclasses.fields(CloudConfig)}
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read {toml_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{toml_path} is not valid TOML: {e}") from None
+        data = data.get("cloud", data)  # either top-level keys or a [cloud] table
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"{toml_path}: unknown setting(s) {', '.join(unknown)}")
+        values.update(data)
+    env = os.environ if env is None else env
+    for name in fields:
+        if (v := env.get(ENV_PREFIX + name.upper())) is not None:
+            values[name] = v
+    for name, v in (overrides or {}).items():
+        if name not in fields:
+            raise ConfigError(f"unknown setting {name}")
+        if v is not None:
+            values[name] = v
+    if "bundle" not in values:
+        raise ConfigError("no bundle given (--bundle DIR/cloud, FOGLINE_CLOUD_BUNDLE or `bundle` in the TOML)")
+    return CloudConfig(**{k: _coerce(k, fields[k].type, v) for k, v in values.items()})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for `fogline cloud serve` (every one optional: TOML and env fill the rest)."""
+    p.add_argument("--bundle", help="the cloud half of an export (DIR/cloud)")
+    p.add_argument("--config", help="a TOML file with CloudConfig fields")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--device", help="cpu or cuda[:n]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--token", help="bearer token edges must present (prefer FOGLINE_CLOUD_TOKEN)")
+    p.add_argument("--kv-budget-bytes", type=int, dest="kv_budget_bytes")
+    p.add_argument("--session-ttl-s", type=float, dest="session_ttl_s")
+    p.add_argument("--batch-window-ms", type=float, dest="batch_window_ms")
+    p.add_argument("--fast-gemv", action="store_true", default=None, dest="fast_gemv",
+                   help="compile a fused single-row matmul (needs a C++ compiler)")
+    p.add_argument("--no-verify-bundle", action="store_false", default=None, dest="verify_bundle")
+    p.add_argument("--log-level")
+
+
+def config_from_args(args: argparse.Namespace) -> CloudConfig:
+    names = {f.name for f in dataclasses.fields(CloudConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return load_config(args.config, overrides=overrides)

@@ -1,0 +1,484 @@
+"""`fogline cloud serve`: the deep layers behind an aiohttp websocket.
+
+    GET /ws       the edge protocol (fogline/wire/protocol.py): hello, then
+                  append / infer / verify / truncate / close / ping frames
+    GET /health   JSON: status, model, sessions, KV bytes
+    GET /metrics  Prometheus text
+
+Lifetimes are aiohttp `cleanup_ctx` generators: the model (with its session
+store, batcher and worker thread) and the TTL reaper. Shutdown drains: new
+work is refused with `shutting_down`, in-flight steps finish (up to
+`shutdown_grace_s`), then every edge gets a `bye` frame and a 1001 close.
+
+Protocol errors are mapped to frames in exactly one place
+(`EdgeConnection._reply_error`); nothing a client sends can raise past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import torch
+from aiohttp import web
+
+from cloud_runtime.batcher import Batcher, Step
+from cloud_runtime.config import CloudConfig
+from cloud_runtime.deep_model import DeepModel, load_deep_model
+from cloud_runtime.metrics import CloudMetrics
+from cloud_runtime.sampling import judge, pick, top_probs
+from cloud_runtime.sessions import SessionStore
+from fogline import __version__
+from fogline.arch import ArchSpec
+from fogline.errors import BundleError
+from fogline.manifest import Manifest, load_manifest, verify_files
+from fogline.wire.codecs import decode_hidden
+from fogline.wire.errors import (AuthError, BadFrame, ErrorCode, InternalError, MismatchError, Overloaded,
+                                 PositionGap, ProtocolError, ShuttingDown, TooLarge)
+from fogline.wire.protocol import (Ack, Append, Bye, Close, Error, Hello, HelloOk, Infer, Message, Ping, Pong,
+                                   TokenReply, Truncate, Verdict, Verify, decode_frame, encode_frame)
+
+log = logging.getLogger("fogline.cloud")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WS_PATH = "/ws"
+
+
+# --- the model and its sessions ---------------------------------------------------
+
+
+def load_bundle_model(config: CloudConfig) -> tuple[Manifest, DeepModel]:
+    """Read the cloud bundle through its manifest and build the deep model (blocking)."""
+    from safetensors.torch import load_file
+
+    bundle = Path(config.bundle)
+    manifest = load_manifest(bundle, role="cloud")
+    if config.verify_bundle and (problems := verify_files(bundle, manifest)):
+        raise BundleError(f"{bundle} does not match its manifest: {'; '.join(problems[:3])}")
+    shards = sorted(f for f in manifest.files if f.endswith(".safetensors"))
+    if len(shards) != 1:
+        raise BundleError(f"{bundle} manifest lists {len(shards)} safetensors files; expected one deep shard")
+    try:
+        hf_config = json.loads((bundle / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{bundle}/config.json is unreadable: {e}") from None
+    spec = ArchSpec.from_hf_config(hf_config)
+    if (spec.n_layers, spec.hidden_size) != (manifest.n_layers, manifest.hidden_size):
+        raise BundleError(f"{bundle}: config.json ({spec.n_layers} layers, d={spec.hidden_size}) disagrees "
+                          f"with the manifest ({manifest.n_layers}, d={manifest.hidden_size})")
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        model = load_deep_model(spec, manifest.split, load_file(str(bundle / shards[0])),
+                                dtype=DTYPES[config.dtype], device=config.device)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
+    if config.fast_gemv and not model.enable_fast_gemv():
+        log.warning("fast_gemv requested but torch.compile is unavailable here; using eager matmuls")
+    return manifest, model
+
+
+@dataclass(eq=False)
+class CloudRuntime:
+    """What the websocket handlers need: model facts, the store, the batcher."""
+
+    config: CloudConfig
+    manifest: Manifest
+    model: DeepModel
+    store: SessionStore
+    batcher: Batcher
+    metrics: CloudMetrics
+    max_context: int
+    started: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def hello_ok(self) -> HelloOk:
+        m, c = self.manifest, self.config
+        return HelloOk(server=f"fogline-cloud/{__version__}", fingerprint=m.fingerprint, split=m.split,
+                       n_layers=m.n_layers, hidden_size=m.hidden_size, vocab_size=m.vocab_size,
+                       max_frame=c.max_frame_bytes, max_rows=c.max_rows_per_frame, max_context=self.max_context,
+                       session_ttl_s=c.session_ttl_s, codecs=tuple(c.codecs))
+
+    async def handle(self, msg: Message) -> Message | None:
+        if self.draining:
+            raise ShuttingDown("server is shutting down", retry_after=1.0)
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            if isinstance(msg, (Append, Infer, Verify)):
+                return await self._step(msg)
+            if isinstance(msg, Truncate):
+                return await self._truncate(msg)
+            if isinstance(msg, Close):
+                s = self.store.get(msg.session)
+                if s is not None:
+                    async with self.store.use(s):
+                        self.store.drop(msg.session, "closed by the edge")
+                return Ack(id=msg.id, session=msg.session, length=0)
+            raise BadFrame(f"{msg.KIND} is not a request")
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+
+    async def _truncate(self, msg: Truncate) -> Ack:
+        s = self.store.get(msg.session)
+        if s is None:
+            if msg.length == 0:
+                return Ack(id=msg.id, session=msg.session, length=0)
+            raise self.store.unknown(msg.session)
+        async with self.store.use(s):
+            if msg.length > s.length:
+                raise PositionGap(f"cannot truncate session {msg.session} to {msg.length}: it holds "
+                                  f"{s.length} positions", expected=s.length)
+            s.cache.truncate(msg.length)
+            return Ack(id=msg.id, session=msg.session, length=s.length)
+
+    async def _step(self, msg: Append | Infer | Verify) -> Message | None:
+        h, c = msg.h, self.config
+        if str(h.codec) not in c.codecs:
+            raise BadFrame(f"codec {h.codec} is not accepted here (accepted: {', '.join(c.codecs)})")
+        if h.dim != self.manifest.hidden_size:
+            raise BadFrame(f"h has {h.dim} columns; this model's hidden size is {self.manifest.hidden_size}")
+        if h.rows > c.max_rows_per_frame:
+            raise TooLarge(f"{h.rows} rows in one frame; the limit is {c.max_rows_per_frame}")
+        if msg.start + h.rows > self.max_context:
+            raise TooLarge(f"positions up to {msg.start + h.rows} exceed the context of {self.max_context}")
+        x = decode_hidden(h)
+        s = self.store.get(msg.session)
+        if s is None:
+            if msg.start != 0:
+                raise self.store.unknown(msg.session)
+            s = self.store.open(msg.session)
+        async with self.store.use(s):
+            if msg.start != s.length:
+                raise PositionGap(f"session {msg.session} holds {s.length} positions; got start={msg.start}",
+                                  expected=s.length)
+            self.store.reserve(s, msg.start + h.rows)
+            pos_next = msg.start + h.rows  # the position the answer's token will take
+            if isinstance(msg, Append):
+                step = Step(s, msg.start, x, "none", lambda _lg: None)
+            elif isinstance(msg, Infer):
+                sampling, top_n = msg.sampling, msg.top_n
+                step = Step(s, msg.start, x, "last",
+                            lambda lg: (pick(lg[0], sampling, pos_next), top_probs(lg[0], top_n)))
+            else:
+                draft, sampling, probs, start = msg.draft, msg.sampling, msg.draft_probs, msg.start
+                step = Step(s, msg.start, x, "all", lambda lg: judge(lg, draft, sampling, start, probs))
+            result = await self.batcher.submit(step)
+            self.store.sync(s)
+            if isinstance(msg, Append):
+                return Ack(id=msg.id, session=msg.session, length=s.length) if msg.ack else None
+            if isinstance(msg, Infer):
+                token, top = result
+                return TokenReply(id=msg.id, session=msg.session, token=token, length=s.length, top=top)
+            s.cache.truncate(msg.start + result.accepted + 1)
+            return Verdict(id=msg.id, session=msg.session, accepted=result.accepted, token=result.token,
+                           length=s.length)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        if self.inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+# --- one edge connection ------------------------------------------------------------
+
+
+class EdgeConnection:
+    """One websocket: handshake, then requests served concurrently (ordered per session)."""
+
+    def __init__(self, ws: web.WebSocketResponse, rt: CloudRuntime, request: web.Request) -> None:
+        self.ws, self.rt, self.request = ws, rt, request
+        self.config = rt.config
+        self.metrics = rt.metrics
+        self.peer = request.remote or "?"
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.send_lock = asyncio.Lock()
+        self.bad_frames = 0
+        self.closing = False
+
+    async def send(self, msg: Message) -> None:
+        if self.ws.closed:
+            return
+        async with self.send_lock:
+            try:
+                await self.ws.send_bytes(encode_frame(msg))
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                pass  # the peer went away; its requests' effects stay in the session store
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closing = True
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason[:120].encode())
+
+    async def _reply_error(self, e: ProtocolError) -> None:
+        """The one place a ProtocolError becomes a frame (and maybe a close)."""
+        self.metrics.errors.labels(str(e.code)).inc()
+        log.debug("edge %s: %s: %s", self.peer, e.code, e)
+        await self.send(Error.of(e))
+        if e.fatal:
+            code = aiohttp.WSCloseCode.GOING_AWAY if e.code == ErrorCode.SHUTTING_DOWN \
+                else aiohttp.WSCloseCode.POLICY_VIOLATION
+            await self.close(code, f"{e.code}: {e}")
+        elif e.code in (ErrorCode.BAD_FRAME, ErrorCode.TOO_LARGE):
+            self.bad_frames += 1
+            if self.bad_frames > self.config.max_bad_frames:
+                await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION,
+                                 f"bad_frame: more than {self.config.max_bad_frames} malformed frames")
+
+    async def run(self) -> None:
+        if not await self._handshake():
+            return
+        async for m in self.ws:
+            if self.closing:
+                break
+            if m.type == aiohttp.WSMsgType.BINARY:
+                await self._on_frame(m.data)
+            elif m.type == aiohttp.WSMsgType.TEXT:
+                await self._reply_error(BadFrame("text frames are not part of the protocol (binary msgpack only)"))
+            else:  # ERROR, CLOSE...: aiohttp has already answered the close
+                break
+        if self.tasks:  # let admitted requests finish; their replies are dropped if we are gone
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _handshake(self) -> bool:
+        try:
+            m = await self.ws.receive(timeout=self.config.hello_timeout_s)
+        except TimeoutError:
+            await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION, "no hello frame in time")
+            return False
+        if m.type != aiohttp.WSMsgType.BINARY:
+            if m.type == aiohttp.WSMsgType.TEXT:
+                await self._reply_error(BadFrame("the first frame must be a binary msgpack hello"))
+                await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION, "bad_frame: expected hello")
+            return False
+        try:
+            hello = decode_frame(m.data, self.config.max_frame_bytes)
+            if not isinstance(hello, Hello):
+                raise BadFrame(f"the first frame must be hello, got {hello.KIND}")
+            self._check_hello(hello)
+        except ProtocolError as e:
+            await self._reply_error(e)
+            await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION, f"{e.code}: {e}")
+            return False
+        self.metrics.frames.labels("hello").inc()
+        await self.send(self.rt.hello_ok())
+        log.info("edge %s connected (%s)", self.peer, hello.client or "unnamed client")
+        return True
+
+    def _check_hello(self, hello: Hello) -> None:
+        if self.rt.draining:
+            raise ShuttingDown("server is shutting down", retry_after=1.0)
+        want = self.config.token
+        if want:
+            header = self.request.headers.get("Authorization", "")
+            given = hello.token or (header[7:] if header.startswith("Bearer ") else "")
+            if not hmac.compare_digest(given.encode(), want.encode()):
+                raise AuthError("missing or wrong bearer token")
+        m = self.rt.manifest
+        if hello.fingerprint != m.fingerprint:
+            raise MismatchError(f"model fingerprint {hello.fingerprint[:12]!r} != this server's {m.fingerprint[:12]!r}")
+        if hello.split != m.split:
+            raise MismatchError(f"edge split K={hello.split} != this server's K={m.split}")
+
+    async def _on_frame(self, data: bytes) -> None:
+        try:
+            msg = decode_frame(data, self.config.max_frame_bytes)
+        except ProtocolError as e:
+            await self._reply_error(e)
+            return
+        self.metrics.frames.labels(msg.KIND).inc()
+        try:
+            if not msg.REQUEST or isinstance(msg, Hello):
+                raise BadFrame(f"{msg.KIND} is not a request a client may send after hello")
+            if isinstance(msg, Ping):
+                await self.send(Pong(id=msg.id, stamp=msg.stamp))
+                return
+            if self.rt.draining:
+                raise ShuttingDown("server is shutting down", retry_after=1.0)
+            if len(self.tasks) >= self.config.max_inflight_per_connection:
+                raise Overloaded(f"{len(self.tasks)} requests in flight on this connection", retry_after=0.1)
+        except ProtocolError as e:
+            e.req_id, e.session = getattr(msg, "id", None), getattr(msg, "session", None)
+            await self._reply_error(e)
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, msg: Message) -> None:
+        try:
+            reply = await self.rt.handle(msg)
+        except ProtocolError as e:
+            e.req_id = getattr(msg, "id", None)
+            e.session = getattr(msg, "session", None)
+            await self._reply_error(e)
+            return
+        except Exception as e:  # a server bug: tell the edge, keep serving everyone else
+            log.exception("request %s from %s failed", msg.KIND, self.peer)
+            await self._reply_error(InternalError(f"{msg.KIND} failed: {type(e).__name__}",
+                                                  req_id=getattr(msg, "id", None),
+                                                  session=getattr(msg, "session", None)))
+            return
+        if reply is not None:
+            await self.send(reply)
+
+    async def goodbye(self, reason: str) -> None:
+        await self.send(Bye(reason=reason, retry_after=1.0))
+        await self.close(aiohttp.WSCloseCode.GOING_AWAY, reason)
+
+
+# --- the app ----------------------------------------------------------------------------
+
+CONFIG = web.AppKey("fogline_cloud_config", CloudConfig)
+METRICS = web.AppKey("fogline_cloud_metrics", CloudMetrics)
+RUNTIME = web.AppKey("fogline_cloud_runtime", CloudRuntime)
+CONNECTIONS = web.AppKey("fogline_cloud_connections", set)
+
+
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    config, metrics = app[CONFIG], app[METRICS]
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fogline-model")
+    loop = asyncio.get_running_loop()
+    manifest, model = await loop.run_in_executor(executor, load_bundle_model, config)
+    store = SessionStore(model.new_cache, config.kv_budget_bytes, config.session_ttl_s, metrics)
+    batcher = Batcher(model, metrics, window_s=config.batch_window_ms / 1000, max_tokens=config.max_batch_tokens,
+                      max_queue=config.max_queue, executor=executor)
+    max_context = config.max_context or model.spec.max_position_embeddings
+    rt = CloudRuntime(config, manifest, model, store, batcher, metrics, max_context)
+    rt.idle.set()
+    batcher.start()
+    app[RUNTIME] = rt
+    log.info("cloud ready: %s layers [%d, %d) on %s/%s", manifest.source or "model", manifest.split,
+             manifest.n_layers, config.device, config.dtype)
+    yield
+    await batcher.stop()
+    executor.shutdown(wait=True)
+
+
+async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+
+    async def reap() -> None:
+        while True:
+            await asyncio.sleep(rt.config.reap_interval_s)
+            if n := rt.store.reap():
+                log.info("reaped %d idle session(s)", n)
+
+    task = asyncio.get_running_loop().create_task(reap(), name="fogline-reaper")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    """Drain: refuse new work, let in-flight steps finish, then say goodbye to every edge."""
+    rt = app.get(RUNTIME)
+    if rt is None:
+        return
+    rt.draining = True
+    if not await rt.wait_idle(rt.config.shutdown_grace_s):
+        log.warning("shutdown: %d request(s) still in flight after %.1f s", rt.inflight, rt.config.shutdown_grace_s)
+    conns: set[EdgeConnection] = app[CONNECTIONS]
+    await asyncio.gather(*(c.goodbye("server shutting down") for c in list(conns)), return_exceptions=True)
+
+
+async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    rt, config = app[RUNTIME], app[CONFIG]
+    # aiohttp enforces a hard cap above ours, so an oversized frame still gets a typed too_large first.
+    ws = web.WebSocketResponse(max_msg_size=2 * config.max_frame_bytes, heartbeat=30.0)
+    await ws.prepare(request)
+    conn = EdgeConnection(ws, rt, request)
+    conns: set[EdgeConnection] = app[CONNECTIONS]
+    conns.add(conn)
+    rt.metrics.connections.inc()
+    try:
+        await conn.run()
+    finally:
+        conns.discard(conn)
+        rt.metrics.connections.dec()
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    m = rt.manifest
+    return web.json_response({
+        "status": "draining" if rt.draining else "ok",
+        "fingerprint": m.fingerprint, "split": m.split, "n_layers": m.n_layers,
+        "device": rt.config.device, "dtype": rt.config.dtype,
+        "sessions": len(rt.store), "kv_bytes": rt.store.kv_bytes, "kv_budget_bytes": rt.store.budget,
+        "connections": len(request.app[CONNECTIONS]), "queued_steps": rt.batcher.queued,
+        "uptime_s": round(time.monotonic() - rt.started, 3),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def create_app(config: CloudConfig) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[METRICS] = CloudMetrics()
+    app[CONNECTIONS] = set()
+    app.cleanup_ctx.append(_runtime_ctx)
+    app.cleanup_ctx.append(_reaper_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_get(WS_PATH, ws_handler)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve(config: CloudConfig, ready: Any = None) -> None:
+    """Run until SIGINT/SIGTERM; prints the bound address once listening."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(f"fogline cloud: serving {config.bundle} on http://{host}:{port} (websocket {WS_PATH})", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("fogline cloud: shutting down (draining)", flush=True)
+    finally:
+        await runner.cleanup()
+
+
+def main(args: Any) -> int:
+    from cloud_runtime.config import config_from_args
+
+    config = config_from_args(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,200 @@
+"""`cloud` mode on the edge: every token comes from the deep layers.
+
+The loop is the smallest possible split inference:
+
+    h = edge(prompt)                    # llama.cpp layers [0, K), h_K of every prompt token
+    loop:
+        token = await cloud.infer(h)    # deep layers [K, L) + head, on the cloud
+        h = edge([token])               # h_K of the new token, for the next step
+
+`CloudSession` is the edge's record of one cloud session: it keeps every h_K
+row it has produced, so when the cloud answers `unknown_session` (evicted,
+expired, restarted) it replays them, and on `position_gap` it resynchronises
+from the position the cloud reports (Petals' rule: retry and replay live in the
+client, which holds the history). `overloaded` and a dropped link are retried
+with backoff. `verify` and `append_lazy` are the hooks the collab/spec modes use.
+
+Torch-free: llama.cpp on one side, the websocket client on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from edge_runtime.cloud_client import CloudLink, InferResult, VerifyResult
+from fogline.wire.errors import LinkDown, Overloaded, PositionGap, ShuttingDown, UnknownSession
+from fogline.wire.protocol import GREEDY, Sampling
+
+T = TypeVar("T")
+# (tokens, position of tokens[0]) -> h_K rows [len(tokens), D] float32
+EdgeStep = Callable[[Sequence[int], int], Awaitable[np.ndarray]]
+
+
+class CloudSession:
+    """One sequence's state at the cloud, with the h_K history needed to rebuild it."""
+
+    def __init__(self, link: CloudLink, sid: str | None = None, *, max_retries: int = 6,
+                 backoff_s: float = 0.25) -> None:
+        self.link = link
+        self.sid = sid or f"edge-{uuid.uuid4().hex}"
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self._h: np.ndarray | None = None  # [capacity, D]
+        self.n = 0  # positions recorded on the edge
+        self.cloud_len = 0  # positions the cloud holds, as far as we know
+        self.replays = 0  # times the cloud lost the session and we replayed it
+        self.resyncs = 0  # position gaps repaired
+
+    @property
+    def history(self) -> np.ndarray:
+        return self._h[:self.n] if self._h is not None else np.empty((0, 0), np.float32)
+
+    def record(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2:
+            raise ValueError(f"h_K rows must be [n, D], got {rows.shape}")
+        if self._h is None:
+            self._h = np.empty((max(256, len(rows)), rows.shape[1]), np.float32)
+        if self.n + len(rows) > len(self._h):
+            grown = np.empty((max(2 * len(self._h), self.n + len(rows)), self._h.shape[1]), np.float32)
+            grown[:self.n] = self._h[:self.n]
+            self._h = grown
+        self._h[self.n:self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call` (which sends from self.cloud_len), repairing the session between tries."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await call()
+            except UnknownSession:
+                self.cloud_len = 0  # evicted / expired / server restarted: replay from scratch
+                self.replays += 1
+                err: Exception = UnknownSession(f"session {self.sid} keeps disappearing")
+            except PositionGap as e:
+                await self._resync(e.expected if e.expected is not None else 0)
+                err = e
+            except (Overloaded, ShuttingDown) as e:
+                await asyncio.sleep(e.retry_after or self.backoff_s * 2 ** attempt)
+                err = e
+            except LinkDown as e:
+                await asyncio.sleep(self.backoff_s * 2 ** attempt)
+                err = e
+        raise err
+
+    async def _resync(self, expected: int) -> None:
+        """The cloud holds `expected` positions of this session (ours: they came from us)."""
+        self.resyncs += 1
+        target = min(expected, max(self.n - 1, 0))  # keep at least one row to send
+        if target < expected:
+            target = await self.link.truncate(self.sid, target)
+        self.cloud_len = target
+
+    async def infer(self, rows: np.ndarray, sampling: Sampling = GREEDY, top_n: int = 0) -> InferResult:
+        """Record h_K of the next positions and get the token that follows them."""
+        self.record(rows)
+
+        async def call() -> InferResult:
+            return await self.link.infer(self.sid, self.cloud_len, self.history[self.cloud_len:], sampling, top_n)
+
+        res = await self._retrying(call)
+        self.cloud_len = res.length
+        return res
+
+    async def append_lazy(self, rows: np.ndarray) -> None:
+        """Record and upload without waiting (collab mode); failures surface on the next call."""
+        self.record(rows)
+        try:
+            self.cloud_len = await self.link.append(self.sid, self.cloud_len, self.history[self.cloud_len:],
+                                                    ack=False)
+        except (LinkDown, ShuttingDown):
+            pass  # the next infer/verify replays what is missing
+
+    async def verify(self, rows: np.ndarray, draft: Sequence[int], sampling: Sampling = GREEDY,
+                     draft_probs: Any = None) -> VerifyResult:
+        """rows: h_K of positions [n, n+len(rows)); draft[i] proposes position n+i+1.
+
+        After the verdict the edge and the cloud both hold `result.length` positions; the
+        caller must also drop the rejected positions from its own llama.cpp cache.
+        """
+        start = self.n
+        self.record(rows)
+
+        async def call() -> VerifyResult:
+            if self.cloud_len < start:  # bring the cloud up to `start` first (replay / lazy rows)
+                self.cloud_len = await self.link.append(self.sid, self.cloud_len,
+                                                        self.history[self.cloud_len:start])
+            elif self.cloud_len > start:
+                self.cloud_len = await self.link.truncate(self.sid, start)
+            return await self.link.verify(self.sid, start, self.history[start:], draft, sampling, draft_probs)
+
+        res = await self._retrying(call)
+        self.n = self.cloud_len = res.length
+        return res
+
+    async def rewind(self, length: int) -> None:
+        """Forget positions >= length on both sides."""
+        self.n = min(self.n, length)
+        if self.cloud_len > length:
+            try:
+                self.cloud_len = await self.link.truncate(self.sid, length)
+            except (UnknownSession, LinkDown):
+                self.cloud_len = 0
+
+    async def close(self) -> None:
+        try:
+            await self.link.close_session(self.sid)
+        except Exception:  # best effort: the cloud's TTL reaper frees it otherwise
+            pass
+
+
+_ctx_locks: dict[int, threading.Lock] = {}
+
+
+class LlamaEdgeStep:
+    """EdgeStep over one llama.cpp sequence: runs layers [0, K) in a worker thread, returns h_K."""
+
+    def __init__(self, ctx: Any, seq: int = 0) -> None:
+        self.ctx, self.seq = ctx, seq
+        self._lock = _ctx_locks.setdefault(id(ctx), threading.Lock())  # a context is not thread-safe
+
+    async def __call__(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        return await asyncio.to_thread(self._run, list(tokens), start)
+
+    def _run(self, tokens: list[int], start: int) -> np.ndarray:
+        from edge_runtime.llama_backend import prefill
+
+        with self._lock:
+            if start == 0:
+                self.ctx.remove(self.seq)  # a fresh sequence
+            res = prefill(self.ctx, tokens, seq=self.seq, start=start, capture_hidden=True)
+        if res.hidden is None:
+            raise RuntimeError("the llama.cpp context has no h_K tap (create it with tap_layer=K-1)")
+        return res.hidden
+
+
+async def generate_cloud(edge_step: EdgeStep, link: CloudLink, prompt: Sequence[int], max_new_tokens: int,
+                         sampling: Sampling = GREEDY, stop_tokens: Sequence[int] = (), top_n: int = 0,
+                         session: CloudSession | None = None) -> AsyncIterator[InferResult]:
+    """Yield the cloud's tokens for `prompt`, one at a time (stop tokens are yielded, then stop)."""
+    cs = session or CloudSession(link)
+    stop = set(stop_tokens)
+    try:
+        h = await edge_step(prompt, 0)
+        pos = len(prompt)
+        for i in range(max_new_tokens):
+            res = await cs.infer(h, sampling, top_n)
+            yield res
+            if res.token in stop or i == max_new_tokens - 1:
+                break
+            h = await edge_step([res.token], pos)
+            pos += 1
+    finally:
+        if session is None:
+            await asyncio.shield(cs.close())

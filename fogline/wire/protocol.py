@@ -1,0 +1,503 @@
+"""The fogline wire protocol: typed messages, msgpack framing, validation.
+
+One websocket carries binary frames; each frame is one msgpack map with a
+kind `t`. The client opens with `hello`; after `hello_ok` it may multiplex any
+number of sessions. Requests carry a client-chosen `id`; every reply carries
+the same `id`. Every hidden-state payload carries its `start` position: the
+cloud computes on it only if `start` is exactly the position it expects.
+
+    client -> server                           server -> client
+    hello    version fingerprint split token    hello_ok  limits, codecs, model facts
+    append   id session start h [ack]           ack       id session length
+    infer    id session start h sampling top_n  token     id session token length top
+    verify   id session start h draft sampling  verdict   id session accepted token length
+    truncate id session length                  ack
+    close    id session                         ack
+    ping     id stamp                           pong      id stamp
+                                                error     id code message session expected retry_after
+                                                bye       reason retry_after   (server draining)
+
+`verify`: rows h[0..n) are positions [start, start+n); draft[i] is the token the
+edge proposes for position start+i+1 (so len(draft) == n-1 and row i+1 is the
+h_K of draft[i]). The cloud accepts the longest prefix of drafts that matches
+its own choice, returns it as `accepted`, plus its own token for the first
+position it did not accept (or the bonus token after the last draft), and keeps
+only positions [start, start+accepted+1) in its cache (`length`).
+
+`decode_frame` turns *any* byte string into either a message or a typed
+ProtocolError; it never asserts and never lets a library exception escape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from fogline.wire.codecs import Codec, HiddenFrame
+from fogline.wire.errors import BadFrame, ErrorCode, ProtocolError, TooLarge, VersionError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 8 << 20  # bytes per websocket frame
+MAX_ID = (1 << 63) - 1
+MAX_POSITION = 1 << 24
+MAX_ROWS = 1 << 16
+MAX_DIM = 1 << 16
+MAX_TOP_N = 256
+MAX_DRAFT = 1024
+MAX_TEXT = 1024
+SESSION_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How the cloud picks a token. temperature 0 is greedy (top_p/top_k ignored)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # with a seed, the pick at a given position is reproducible
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+GREEDY = Sampling()
+
+
+class Message:
+    """Base of all frames. Subclasses are frozen dataclasses with a KIND."""
+
+    KIND: ClassVar[str]
+    REQUEST: ClassVar[bool] = False  # sent by clients
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": self.KIND}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if isinstance(v, HiddenFrame):
+                v = {"codec": str(v.codec), "rows": v.rows, "dim": v.dim, "data": v.data,
+                     **({"scales": v.scales, "block": v.block} if v.codec == Codec.INT8 else {})}
+            elif isinstance(v, Sampling):
+                v = {k: x for k, x in dataclasses.asdict(v).items() if x is not None}
+            elif isinstance(v, tuple):
+                v = [list(x) if isinstance(x, tuple) else x for x in v]
+            out[f.name] = v
+        return out
+
+
+# --- client -> server -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    KIND: ClassVar[str] = "hello"
+    REQUEST: ClassVar[bool] = True
+    fingerprint: str
+    split: int
+    token: str = ""
+    client: str = ""
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Append(Message):
+    """Extend the session with h_K of positions [start, start+rows); `ack` asks for a reply
+    (without it, only an error is ever sent back for this id)."""
+
+    KIND: ClassVar[str] = "append"
+    REQUEST: ClassVar[bool] = True
+    id: int
+    session: str
+    start: int
+    h: HiddenFrame
+    ack: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Infer(Message):
+    """Append, then answer with the token for position start+rows."""
+
+    KIND: ClassVar[str] = "infer"
+    REQUEST: ClassVar[bool] = True
+    id: int
+    session: str
+    start: int
+    h: HiddenFrame
+    sampling: Sampling = GREEDY
+    top_n: int = 0  # also return the n most likely (id, prob)
+
+
+@dataclass(frozen=True, slots=True)
+class Verify(Message):
+    KIND: ClassVar[str] = "verify"
+    REQUEST: ClassVar[bool] = True
+    id: int
+    session: str
+    start: int
+    h: HiddenFrame
+    draft: tuple[int, ...]
+    sampling: Sampling = GREEDY
+    # For sampled verification: per draft position, the edge's (sparse) distribution it
+    # sampled the draft from, as ((token, prob), ...). Needed for distribution-exact
+    # speculative sampling; ignored when greedy.
+    draft_probs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate(Message):
+    """Keep only positions [0, length) (a rewind; length beyond the session's is a gap)."""
+
+    KIND: ClassVar[str] = "truncate"
+    REQUEST: ClassVar[bool] = True
+    id: int
+    session: str
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Message):
+    KIND: ClassVar[str] = "close"
+    REQUEST: ClassVar[bool] = True
+    id: int
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    KIND: ClassVar[str] = "ping"
+    REQUEST: ClassVar[bool] = True
+    id: int
+    stamp: float = 0.0  # echoed in the pong
+
+
+# --- server -> client -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HelloOk(Message):
+    KIND: ClassVar[str] = "hello_ok"
+    server: str
+    fingerprint: str
+    split: int
+    n_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_frame: int
+    max_rows: int
+    max_context: int
+    session_ttl_s: float
+    codecs: tuple[str, ...]
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    KIND: ClassVar[str] = "ack"
+    id: int
+    session: str
+    length: int  # positions the cloud now holds for the session
+
+
+@dataclass(frozen=True, slots=True)
+class TokenReply(Message):
+    KIND: ClassVar[str] = "token"
+    id: int
+    session: str
+    token: int
+    length: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict(Message):
+    KIND: ClassVar[str] = "verdict"
+    id: int
+    session: str
+    accepted: int
+    token: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    KIND: ClassVar[str] = "pong"
+    id: int
+    stamp: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    KIND: ClassVar[str] = "error"
+    code: str
+    message: str
+    id: int | None = None
+    session: str | None = None
+    expected: int | None = None  # position_gap: where the cloud is
+    retry_after: float | None = None  # overloaded / shutting_down
+
+    @classmethod
+    def of(cls, e: ProtocolError) -> "Error":
+        return cls(code=str(e.code), message=str(e)[:MAX_TEXT], id=e.req_id, session=e.session,
+                   expected=e.expected, retry_after=e.retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    """The server is shutting down; the connection closes after this frame."""
+
+    KIND: ClassVar[str] = "bye"
+    reason: str
+    retry_after: float = 1.0
+
+
+# --- validation ---------------------------------------------------------------
+
+_MISSING = object()
+
+
+class _Reader:
+    """Typed access to one decoded map; every failure is a BadFrame naming the field."""
+
+    def __init__(self, kind: str, d: dict[str, Any]) -> None:
+        self.kind, self.d = kind, d
+
+    def _get(self, name: str, default: Any) -> Any:
+        if name in self.d:
+            return self.d[name]
+        if default is _MISSING:
+            raise BadFrame(f"{self.kind}: missing field {name!r}")
+        return default
+
+    def _bad(self, name: str, want: str, v: Any) -> BadFrame:
+        return BadFrame(f"{self.kind}.{name}: expected {want}, got {type(v).__name__}")
+
+    def int(self, name: str, lo: int = 0, hi: int = MAX_ID, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self._bad(name, "an integer", v)
+        if not lo <= v <= hi:
+            raise BadFrame(f"{self.kind}.{name}={v} is outside [{lo}, {hi}]")
+        return v
+
+    def float(self, name: str, lo: float, hi: float, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise self._bad(name, "a number", v)
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise BadFrame(f"{self.kind}.{name}={v!r} is outside [{lo}, {hi}]")
+        return float(v)
+
+    def bool(self, name: str, default: Any = _MISSING) -> bool:
+        v = self._get(name, default)
+        if not isinstance(v, bool):
+            raise self._bad(name, "a boolean", v)
+        return v
+
+    def str(self, name: str, max_len: int = MAX_TEXT, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, str):
+            raise self._bad(name, "a string", v)
+        if len(v) > max_len:
+            raise BadFrame(f"{self.kind}.{name} is longer than {max_len} characters")
+        return v
+
+    def session(self, name: str = "session") -> str:
+        v = self.str(name, 128)
+        if not SESSION_RE.fullmatch(v):
+            raise BadFrame(f"{self.kind}.{name} must be 1-128 characters of [A-Za-z0-9._:-]")
+        return v
+
+    def bytes(self, name: str, default: Any = _MISSING) -> bytes:
+        v = self._get(name, default)
+        if not isinstance(v, bytes):
+            raise self._bad(name, "bytes", v)
+        return v
+
+    def list(self, name: str, max_len: int, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, list):
+            raise self._bad(name, "a list", v)
+        if len(v) > max_len:
+            raise BadFrame(f"{self.kind}.{name} has more than {max_len} items")
+        return v
+
+    def ints(self, name: str, max_len: int) -> tuple[int, ...]:
+        v = self.list(name, max_len)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < (1 << 31) for x in v):
+            raise BadFrame(f"{self.kind}.{name} must be a list of token ids")
+        return tuple(v)
+
+    def map(self, name: str, default: Any = _MISSING) -> "_Reader | None":
+        v = self._get(name, default)
+        if v is None and default is None:
+            return None
+        if not isinstance(v, dict):
+            raise self._bad(name, "a map", v)
+        return _Reader(f"{self.kind}.{name}", v)
+
+    def hidden(self, name: str = "h") -> HiddenFrame:
+        r = self.map(name)
+        assert r is not None  # a required field: _get raised already otherwise
+        codec_s = r.str("codec", 16)
+        try:
+            codec = Codec(codec_s)
+        except ValueError:
+            raise BadFrame(f"{r.kind}.codec {codec_s!r} is not one of "
+                           f"{', '.join(c.value for c in Codec)}") from None
+        rows, dim = r.int("rows", 1, MAX_ROWS), r.int("dim", 1, MAX_DIM)
+        block = r.int("block", 1, 1 << 16) if codec is Codec.INT8 else 0
+        scales = r.bytes("scales") if codec is Codec.INT8 else b""
+        return HiddenFrame(codec, rows, dim, r.bytes("data"), scales, block)
+
+    def sampling(self, name: str = "sampling") -> Sampling:
+        r = self.map(name, default=None)
+        if r is None:
+            return GREEDY
+        return Sampling(temperature=r.float("temperature", 0.0, 100.0, default=0.0),
+                        top_p=r.float("top_p", 0.0, 1.0, default=1.0),
+                        top_k=r.int("top_k", 0, 1 << 31, default=0),
+                        seed=r.int("seed", 0, MAX_ID, default=None))
+
+    def pairs(self, items: Any, where: str, max_len: int) -> tuple[tuple[int, float], ...]:
+        if not isinstance(items, list) or len(items) > max_len:
+            raise BadFrame(f"{where} must be a list of at most {max_len} [token, prob] pairs")
+        out = []
+        for p in items:
+            if (not isinstance(p, list) or len(p) != 2 or not isinstance(p[0], int) or isinstance(p[0], bool)
+                    or not 0 <= p[0] < (1 << 31) or not isinstance(p[1], (int, float)) or isinstance(p[1], bool)
+                    or not (math.isfinite(p[1]) and 0.0 <= p[1] <= 1.0)):
+                raise BadFrame(f"{where} must be a list of [token, prob] pairs with 0 <= prob <= 1")
+            out.append((p[0], float(p[1])))
+        return tuple(out)
+
+
+def _parse(kind: str, r: _Reader) -> Message:
+    if kind == "hello":
+        # The version is checked before anything else: a newer client's hello may have other fields.
+        version = r.int("version", 0, MAX_ID)
+        if version != PROTOCOL_VERSION:
+            raise VersionError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+        return Hello(fingerprint=r.str("fingerprint", 128), split=r.int("split", 0, 1 << 16),
+                     token=r.str("token", MAX_TEXT, default=""), client=r.str("client", 128, default=""),
+                     version=version)
+    if kind == "append":
+        return Append(id=r.int("id"), session=r.session(), start=r.int("start", 0, MAX_POSITION),
+                      h=r.hidden(), ack=r.bool("ack", default=True))
+    if kind == "infer":
+        return Infer(id=r.int("id"), session=r.session(), start=r.int("start", 0, MAX_POSITION),
+                     h=r.hidden(), sampling=r.sampling(), top_n=r.int("top_n", 0, MAX_TOP_N, default=0))
+    if kind == "verify":
+        req_id, session, start, h = r.int("id"), r.session(), r.int("start", 0, MAX_POSITION), r.hidden()
+        draft = r.ints("draft", MAX_DRAFT)
+        if len(draft) != h.rows - 1:
+            raise BadFrame(f"verify: {len(draft)} draft tokens for {h.rows} rows (need rows - 1)")
+        probs_raw = r.list("draft_probs", MAX_DRAFT, default=None)
+        probs = None
+        if probs_raw is not None:
+            if len(probs_raw) != len(draft):
+                raise BadFrame("verify.draft_probs must have one entry per draft token")
+            probs = tuple(r.pairs(p, "verify.draft_probs[i]", 4096) for p in probs_raw)
+        return Verify(id=req_id, session=session, start=start, h=h, draft=draft, sampling=r.sampling(),
+                      draft_probs=probs)
+    if kind == "truncate":
+        return Truncate(id=r.int("id"), session=r.session(), length=r.int("length", 0, MAX_POSITION))
+    if kind == "close":
+        return Close(id=r.int("id"), session=r.session())
+    if kind == "ping":
+        return Ping(id=r.int("id"), stamp=r.float("stamp", -1e300, 1e300, default=0.0))
+    if kind == "hello_ok":
+        version = r.int("version", 0, MAX_ID)
+        if version != PROTOCOL_VERSION:
+            raise VersionError(f"server speaks protocol version {version}, this client {PROTOCOL_VERSION}")
+        codecs = r.list("codecs", 16)
+        if not all(isinstance(c, str) for c in codecs):
+            raise BadFrame("hello_ok.codecs must be a list of strings")
+        return HelloOk(server=r.str("server", 256), fingerprint=r.str("fingerprint", 128),
+                       split=r.int("split", 0, 1 << 16), n_layers=r.int("n_layers", 0, 1 << 16),
+                       hidden_size=r.int("hidden_size", 1, MAX_DIM), vocab_size=r.int("vocab_size", 1, 1 << 31),
+                       max_frame=r.int("max_frame", 1), max_rows=r.int("max_rows", 1),
+                       max_context=r.int("max_context", 1), session_ttl_s=r.float("session_ttl_s", 0, 1e12),
+                       codecs=tuple(codecs), version=version)
+    if kind == "ack":
+        return Ack(id=r.int("id"), session=r.session(), length=r.int("length", 0, MAX_POSITION))
+    if kind == "token":
+        return TokenReply(id=r.int("id"), session=r.session(), token=r.int("token", 0, 1 << 31),
+                          length=r.int("length", 0, MAX_POSITION),
+                          top=r.pairs(r.list("top", MAX_TOP_N, default=[]), "token.top", MAX_TOP_N))
+    if kind == "verdict":
+        return Verdict(id=r.int("id"), session=r.session(), accepted=r.int("accepted", 0, MAX_DRAFT),
+                       token=r.int("token", 0, 1 << 31), length=r.int("length", 0, MAX_POSITION))
+    if kind == "pong":
+        return Pong(id=r.int("id"), stamp=r.float("stamp", -1e300, 1e300, default=0.0))
+    if kind == "error":
+        return Error(code=r.str("code", 64), message=r.str("message", MAX_TEXT),
+                     id=r.int("id", default=None), session=r.str("session", 128, default=None),
+                     expected=r.int("expected", 0, MAX_POSITION, default=None),
+                     retry_after=r.float("retry_after", 0, 1e6, default=None))
+    if kind == "bye":
+        return Bye(reason=r.str("reason", MAX_TEXT), retry_after=r.float("retry_after", 0, 1e6, default=1.0))
+    raise BadFrame(f"unknown message kind {kind[:32]!r}")
+
+
+def encode_frame(msg: Message) -> bytes:
+    return msgpack.packb(msg.to_wire(), use_bin_type=True)
+
+
+def decode_frame(raw: Any, max_frame: int = DEFAULT_MAX_FRAME) -> Message:
+    """bytes -> Message, or a ProtocolError (BadFrame, TooLarge, VersionError) — nothing else.
+
+    Errors carry the frame's request id and session when those could be read, so the
+    sender can tell which request failed.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise BadFrame(f"expected a binary frame, got {type(raw).__name__}")
+    if len(raw) > max_frame:
+        raise TooLarge(f"frame of {len(raw)} bytes exceeds the {max_frame}-byte limit")
+    try:
+        # unpackb bounds every container/string length by the buffer size (already <= max_frame)
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises ValueError, ExtraData, FormatError, StackError, ...
+        raise BadFrame(f"not a msgpack frame: {type(e).__name__}") from None
+    if not isinstance(obj, dict):
+        raise BadFrame(f"a frame must be a msgpack map, got {type(obj).__name__}")
+    kind = obj.get("t")
+    req_id = obj.get("id") if isinstance(obj.get("id"), int) and not isinstance(obj.get("id"), bool) else None
+    session = obj.get("session") if isinstance(obj.get("session"), str) and SESSION_RE.fullmatch(obj["session"]) else None
+    if req_id is not None and not 0 <= req_id <= MAX_ID:
+        req_id = None
+    if not isinstance(kind, str):
+        raise BadFrame("a frame needs a string field 't' (the message kind)", req_id=req_id, session=session)
+    try:
+        return _parse(kind, _Reader(kind[:32], obj))
+    except ProtocolError as e:
+        e.req_id, e.session = req_id, session
+        raise
+    except Exception as e:  # defensive: a validation bug must still be a typed error
+        raise BadFrame(f"{kind[:32]}: invalid frame ({type(e).__name__})", req_id=req_id, session=session) from None
+
+
+def error_frame(e: ProtocolError) -> bytes:
+    return encode_frame(Error.of(e))
+
+
+__all__ = [
+    "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "Sampling", "GREEDY", "Message", "Hello", "HelloOk", "Append",
+    "Infer", "Verify", "Truncate", "Close", "Ping", "Ack", "TokenReply", "Verdict", "Pong", "Error", "Bye",
+    "encode_frame", "decode_frame", "error_frame", "ErrorCode", "ProtocolError",
+]
