@@ -26,7 +26,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server(demo_bundle, tmp_path_factory) -> EdgeServer:
     s = start_edge_server(demo_bundle / "edge", tmp_path_factory.mktemp("edge") / "server.log",
-                          "--threads", "2", "--parallel", "4", "--ctx-size", str(CTX), "--batch-size", "128")
+                          "--threads", "1", "--parallel", "4", "--ctx-size", str(CTX), "--batch-size", "128")
     yield s
     assert s.stop() == 0, s.log()
 
