@@ -38,7 +38,7 @@ from cloud_runtime.deep_model import DeepModel, load_deep_model
 from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.sampling import judge, pick, top_probs
 from cloud_runtime.sessions import SessionStore
-from fogline import __version__
+from fogline import __version__, sd_notify
 from fogline.arch import ArchSpec
 from fogline.errors import BundleError
 from fogline.manifest import Manifest, load_manifest, verify_files
@@ -455,7 +455,7 @@ def create_app(config: CloudConfig) -> web.Application:
     return app
 
 
-async def serve(config: CloudConfig, ready: Any = None) -> None:
+async def serve(config: CloudConfig) -> None:
     """Run until SIGINT/SIGTERM; prints the bound address once listening."""
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 5)
@@ -465,12 +465,20 @@ async def serve(config: CloudConfig, ready: Any = None) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"fogline cloud: serving {config.bundle} on http://{host}:{port} (websocket {WS_PATH})", flush=True)
+        rt = app[RUNTIME]
+        sd_notify.ready(f"serving K={rt.manifest.split} on {host}:{port}")
+        # systemd's watchdog: healthy unless steps wait while the model makes no pass at all
+        watchdog = sd_notify.start_watchdog(sd_notify.ProgressWatch(progress=lambda: rt.batcher.passes,
+                                                                    busy=lambda: rt.batcher.queued > 0))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("fogline cloud: shutting down (draining)", flush=True)
+        if watchdog is not None:
+            watchdog.cancel()
+        sd_notify.stopping("draining sessions")
     finally:
         await runner.cleanup()
 

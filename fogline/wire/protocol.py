@@ -455,6 +455,27 @@ def _parse(kind: str, r: _Reader) -> Message:
     raise BadFrame(f"unknown message kind {kind[:32]!r}")
 
 
+def _peek_ids(raw: bytes) -> tuple[int | None, str | None]:
+    """The id and session of an oversized frame, read without materialising its payload."""
+    req_id = session = None
+    try:
+        u = msgpack.Unpacker(raw=False, max_buffer_size=len(raw) + 1)
+        u.feed(raw)
+        for _ in range(min(u.read_map_header(), 32)):
+            key = u.unpack()
+            if key == "id" or key == "session":
+                v = u.unpack()
+                if key == "id" and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID:
+                    req_id = v
+                elif key == "session" and isinstance(v, str) and SESSION_RE.fullmatch(v):
+                    session = v
+            else:
+                u.skip()
+    except Exception:  # a best effort on a frame we are rejecting anyway
+        pass
+    return req_id, session
+
+
 def encode_frame(msg: Message) -> bytes:
     return msgpack.packb(msg.to_wire(), use_bin_type=True)
 
@@ -468,7 +489,9 @@ def decode_frame(raw: Any, max_frame: int = DEFAULT_MAX_FRAME) -> Message:
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise BadFrame(f"expected a binary frame, got {type(raw).__name__}")
     if len(raw) > max_frame:
-        raise TooLarge(f"frame of {len(raw)} bytes exceeds the {max_frame}-byte limit")
+        req_id, session = _peek_ids(bytes(raw))
+        raise TooLarge(f"frame of {len(raw)} bytes exceeds the {max_frame}-byte limit", req_id=req_id,
+                       session=session)
     try:
         # unpackb bounds every container/string length by the buffer size (already <= max_frame)
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
