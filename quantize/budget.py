@@ -111,11 +111,23 @@ def gguf_bytes(spec: ArchSpec, n_blocks: int, quant: str) -> int:
 
 @dataclass(frozen=True)
 class RuntimeShape:
-    """The edge runtime settings the memory estimate assumes (edge config defaults)."""
+    """The edge runtime settings the memory estimate assumes: the edge daemon's defaults.
 
-    n_ctx: int = 4096
-    n_seq: int = 4
-    n_batch: int = 256
+    llama.cpp holds one KV cache of parallel x ctx_size cells and sizes its compute
+    buffers for a full batch, so these three numbers move the estimate most.
+    """
+
+    n_ctx: int = 4 * 2048  # EdgeConfig.parallel x EdgeConfig.ctx_size
+    n_seq: int = 4  # EdgeConfig.parallel
+    n_batch: int = 512  # EdgeConfig.batch_size
+
+    def describe(self) -> str:
+        return f"parallel={self.n_seq} ctx_size={self.n_ctx // self.n_seq} batch_size={self.n_batch}"
+
+
+DEFAULT_SHAPE = RuntimeShape()
+# Tried when nothing fits at the defaults: one conversation at a time, small batches.
+SMALL_BOARD_SHAPE = RuntimeShape(n_ctx=2048, n_seq=1, n_batch=128)
 
 
 def resident_bytes(spec: ArchSpec, n_blocks: int, quant: str, shape: RuntimeShape = RuntimeShape()) -> int:
@@ -143,6 +155,7 @@ class Choice:
     quant: str
     reason: str
     table: list[Candidate]
+    shape: RuntimeShape = DEFAULT_SHAPE  # the edge settings the choice assumes
 
 
 def split_grid(spec: ArchSpec) -> list[int]:
@@ -152,19 +165,32 @@ def split_grid(spec: ArchSpec) -> list[int]:
 
 def choose(spec: ArchSpec, budget: int, split: int | None, quant: str | None,
            extra_blocks: int = 0) -> Choice:
-    """Pick (K, quant) for a budget. Fixed values from the user are respected."""
+    """Pick (K, quant) for a budget. Fixed values from the user are respected.
+
+    Tries the edge daemon's default runtime shape first; if nothing fits, a
+    small-board shape (one sequence, small batches) whose settings the reason names.
+    """
+    try:
+        return _choose(spec, budget, split, quant, extra_blocks, DEFAULT_SHAPE)
+    except BudgetError:
+        return _choose(spec, budget, split, quant, extra_blocks, SMALL_BOARD_SHAPE)
+
+
+def _choose(spec: ArchSpec, budget: int, split: int | None, quant: str | None, extra_blocks: int,
+            shape: RuntimeShape) -> Choice:
     splits = [split] if split is not None else split_grid(spec)
     quants = [quant] if quant is not None else list(PRECISION_ORDER)
     table = []
     for k in splits:
         for q in quants:
-            res = resident_bytes(spec, k + extra_blocks, q)
+            res = resident_bytes(spec, k + extra_blocks, q, shape)
             table.append(Candidate(k, q, gguf_bytes(spec, k + extra_blocks, q), res, res <= budget))
     fitting = [c for c in table if c.fits]
     if not fitting:
         smallest = min(table, key=lambda c: c.resident_bytes)
         raise BudgetError(f"nothing fits {budget / MiB:.0f} MiB: the smallest candidate (K={smallest.split}, "
-                          f"{smallest.quant}) needs {smallest.resident_bytes / MiB:.0f} MiB")
+                          f"{smallest.quant}) needs {smallest.resident_bytes / MiB:.0f} MiB "
+                          f"even with {shape.describe()}")
     rank = {q: i for i, q in enumerate(PRECISION_ORDER)}
     good = [c for c in fitting if rank.get(c.quant, 0) <= rank[MIN_GOOD]] or fitting
     best = max(good, key=lambda c: (c.split, -rank.get(c.quant, 0)))
@@ -174,9 +200,11 @@ def choose(spec: ArchSpec, budget: int, split: int | None, quant: str | None,
         why = f"K={split} fixed; highest precision that fits"
     if quant is not None and split is None:
         why = f"{quant} fixed; deepest split that fits"
+    if shape != DEFAULT_SHAPE:
+        why += f"; only with edge settings {shape.describe()}"
     reason = (f"K={best.split} {best.quant}: {best.resident_bytes / MiB:.0f} MiB of "
               f"{budget / MiB:.0f} MiB budget ({why})")
-    return Choice(best.split, best.quant, reason, table)
+    return Choice(best.split, best.quant, reason, table, shape)
 
 
 def format_table(choice: Choice) -> str:

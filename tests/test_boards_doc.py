@@ -34,7 +34,8 @@ def test_demo_column_matches_the_budget(preset: str) -> None:
     choice = B.choose(DEMO, budget, None, None)
     resident = next(c.resident_bytes for c in choice.table if (c.split, c.quant) == (choice.split, choice.quant))
     demo_cell = row.split("|")[4].strip()
-    assert demo_cell == f"K={choice.split} {choice.quant}, {resident / B.MiB:.0f} MiB"
+    small = "" if choice.shape == B.DEFAULT_SHAPE else " (parallel=1, batch 128)"
+    assert demo_cell == f"K={choice.split} {choice.quant}, {resident / B.MiB:.0f} MiB{small}"
 
 
 def test_demo_default_export_size_quoted() -> None:

@@ -60,7 +60,7 @@ def test_choice_prefers_deep_split_at_good_precision(spec):
     tight = budget.choose(spec, 400 * budget.MiB, None, None)
     chosen = next(c for c in tight.table if (c.split, c.quant) == (tight.split, tight.quant))
     assert chosen.fits and chosen.resident_bytes <= 400 * budget.MiB
-    assert "MiB" in tight.reason and "K=" in budget.format_table(tight)
+    assert "MiB" in tight.reason and "<- chosen" in budget.format_table(tight)
 
 
 def test_nothing_fits_is_a_budget_error(spec):
@@ -85,8 +85,16 @@ def test_cli_device_preset_prints_table_and_reason(demo_hf_dir, tmp_path, capsys
 
     out = tmp_path / "pi"
     assert main(["export", "--source", str(demo_hf_dir), "--device", "rpi-zero-2w", "--split", "auto",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--out", str(out), "--no-progress", "--exit-adapter", "0"]) == 0
     text = capsys.readouterr().out
     assert "resident MiB" in text and "<- chosen" in text and "chose K=" in text
     m = load_manifest(out / "edge")
     assert m.budget is not None and m.budget["estimated_resident_bytes"] <= m.budget["budget_bytes"]
+
+
+def test_small_board_falls_back_to_a_smaller_runtime_shape(spec):
+    """256 MiB holds no candidate at the daemon's defaults; one sequence with small batches does."""
+    with pytest.raises(BudgetError):
+        budget._choose(spec, 256 * budget.MiB, None, None, 0, budget.DEFAULT_SHAPE)
+    c = budget.choose(spec, 256 * budget.MiB, None, None)
+    assert c.shape == budget.SMALL_BOARD_SHAPE and "parallel=1" in c.reason
