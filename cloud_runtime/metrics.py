@@ -14,6 +14,11 @@ class CloudMetrics:
         self.kv_budget = Gauge("fogline_cloud_kv_budget_bytes", "KV memory budget", registry=r)
         self.evictions = Counter("fogline_cloud_evictions_total", "Sessions dropped by the store",
                                  ["reason"], registry=r)
+        self.rows = Counter("fogline_cloud_hidden_rows_total", "h_K rows received: 'new' positions, or "
+                            "'repeat' (a position this session had received before: replay or rolled-back draft)",
+                            ["kind"], registry=r)
+        self.rows.labels("new")
+        self.rows.labels("repeat")
         self.frames = Counter("fogline_cloud_frames_total", "Frames received, by kind", ["kind"], registry=r)
         self.errors = Counter("fogline_cloud_errors_total", "Error frames sent, by code", ["code"], registry=r)
         self.tokens = Counter("fogline_cloud_positions_total", "h_K positions pushed through the deep layers",

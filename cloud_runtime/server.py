@@ -179,6 +179,12 @@ class CloudRuntime:
                 step = Step(s, msg.start, x, "all", lambda lg: judge(lg, draft, sampling, start, probs))
             result = await self.batcher.submit(step)
             self.store.sync(s)
+            end = msg.start + h.rows
+            fresh = max(0, end - max(msg.start, s.high))
+            s.high = max(s.high, end)
+            self.metrics.rows.labels("new").inc(fresh)
+            if h.rows > fresh:
+                self.metrics.rows.labels("repeat").inc(h.rows - fresh)
             if isinstance(msg, Append):
                 return Ack(id=msg.id, session=msg.session, length=s.length) if msg.ack else None
             if isinstance(msg, Infer):

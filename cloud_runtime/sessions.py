@@ -35,6 +35,7 @@ class Session:
     users: int = 0  # requests admitted and not finished; a session with users is never evicted
     closed: bool = False
     reserved: int = 0  # bytes accounted to this session
+    high: int = 0  # highest position + 1 ever received (a row below it is a re-upload)
 
     @property
     def length(self) -> int:

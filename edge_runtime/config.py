@@ -71,6 +71,25 @@ class EdgeConfig:
     # Largest accepted request body.
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
+    # --- the cloud half (collab / spec / cloud modes); empty cloud_url: edge only.
+    # Websocket URL of `fogline cloud serve`, e.g. ws://cloud:8700/ws. Setting it turns capture_hidden on.
+    cloud_url: str = ""
+    # Bearer token the cloud expects in the handshake.
+    cloud_token: str = ""
+    # Hidden-state codec on the wire: fp16 (default), int8 (blockwise absmax), fp32.
+    cloud_codec: str = "fp16"
+    # A cloud answer slower than this (ms) makes the request finish in edge mode (0: no deadline).
+    cloud_deadline_ms: int = 5000
+    # h_K rows (fp16) kept per request to replay to a cloud that lost the session; longer
+    # requests fall back to edge mode when a replay would be needed.
+    replay_history_tokens: int = 4096
+    # Collab threshold on the exit head's max probability; used when neither the request
+    # (fogline_tau) nor the bundle's calibration gives one.
+    tau: float = 0.9
+    # Spec mode: initial draft block length (adapted per request within [1, 2*spec_gamma]).
+    spec_gamma: int = 4
+    # Seconds between RTT pings on the cloud link.
+    cloud_ping_s: float = 2.0
 
     def effective_threads(self) -> int:
         return self.threads or physical_cores()
@@ -98,6 +117,15 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
         if from_text and isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.strip().lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -131,6 +159,14 @@ def _validate(cfg: EdgeConfig) -> None:
     need(0 <= cfg.retry_after_s <= 3600, "retry_after_s", "must be in 0..3600")
     need(cfg.default_mode in MODES, "default_mode", f"must be one of {', '.join(MODES)}")
     need(cfg.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    need(cfg.cloud_codec in ("fp16", "int8", "fp32"), "cloud_codec", "must be fp16, int8 or fp32")
+    need(cfg.cloud_url == "" or cfg.cloud_url.startswith(("ws://", "wss://")), "cloud_url",
+         "must be a ws:// or wss:// URL (or empty)")
+    need(0 <= cfg.cloud_deadline_ms <= 3_600_000, "cloud_deadline_ms", "must be in 0..3600000")
+    need(16 <= cfg.replay_history_tokens <= 1 << 20, "replay_history_tokens", "must be in 16..1048576")
+    need(0.0 <= cfg.tau <= 1.0, "tau", "must be in 0..1")
+    need(1 <= cfg.spec_gamma <= 32, "spec_gamma", "must be in 1..32")
+    need(0.05 <= cfg.cloud_ping_s <= 3600, "cloud_ping_s", "must be in 0.05..3600")
     need(1024 <= cfg.max_body_bytes <= 1 << 30, "max_body_bytes", "must be in 1024..1073741824")
 
 

@@ -53,6 +53,7 @@ class GenerationRequest:
     params: SamplingParams
     mode: str = "edge"  # requested mode: edge|collab|spec|cloud|auto
     capture_hidden: bool = False  # keep h_K of every position (needs an engine with a tap)
+    tau: float | None = None  # collab threshold asked by the request (None: the source's default)
 
 
 @dataclass
@@ -110,6 +111,10 @@ class HiddenBuffer:
         self._data[self.n:need] = rows
         self.n = need
 
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (a rejected speculative draft)."""
+        self.n = min(self.n, n)
+
     def view(self, p0: int = 0, p1: int | None = None) -> np.ndarray:
         """Rows for positions [p0, p1) (a view: copy it before the sequence moves on)."""
         return self._data[p0:self.n if p1 is None else p1]
@@ -126,13 +131,23 @@ class ExitStep:
     tokens: list[int]  # prompt + completion so far (read-only)
     hidden: HiddenBuffer | None  # h_K for positions [0, position) when captured
     stats: FoglineStats  # a source that talks to a cloud adds its round trips / bytes here
+    held: int = 0  # speculative drafts held (not emitted) at positions [position - held, position)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A TokenSource's answer in `spec` mode: feed this token (so the edge drafts on past it) but
+    hold it back until `Engine.deliver_verdict()` accepts it or rolls it back."""
+
+    choice: TokenChoice
 
 
 class TokenSource(Protocol):
     """Decides the token of one position. Registered per mode with `Engine.register_source`."""
 
-    def decide(self, step: ExitStep) -> TokenChoice | None:
-        """Return the token now, or None to park the sequence until `Engine.deliver()`."""
+    def decide(self, step: ExitStep) -> TokenChoice | Draft | None:
+        """Return the token now, a Draft to hold, or None to park the sequence until `Engine.deliver()`
+        (or `deliver_verdict()` / `fall_back()`)."""
         ...
 
     def release(self, request: GenerationRequest) -> None:
@@ -175,6 +190,8 @@ class _Sequence:
     stopper: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     utf8: Utf8Stream = field(default_factory=Utf8Stream)
     hidden: HiddenBuffer | None = None
+    held: list[TokenChoice] = field(default_factory=list)  # drafts fed but not emitted (spec mode)
+    parked_step: ExitStep | None = None  # the step a source parked on (re-decided after a kept verdict)
 
     @property
     def pending(self) -> int:
@@ -215,12 +232,13 @@ class Engine:
         self.batch_size = min(batch_size, ctx.n_batch)
         self.queue_size = queue_size
         self.retry_after_s = retry_after_s
-        self.can_capture = ctx.tap is not None
+        self.can_capture = ctx.can_capture
         self._sources: dict[str, TokenSource] = {"edge": EdgeTokenSource(model)}
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._cancelled: set[str] = set()
         self._delivered: list[tuple[str, TokenChoice]] = []
+        self._control: list[tuple[str, Callable[[_Sequence], None]]] = []  # verdicts, fallbacks
         self._running: dict[str, _Sequence] = {}
         self._free_slots = list(range(parallel))
         self._thread: threading.Thread | None = None
@@ -248,7 +266,7 @@ class Engine:
         if n_prompt >= limit:
             raise ApiError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                            f"This model's maximum context length is {limit} tokens. However, your prompt "
-                           f"has {n_prompt} tokens, leaving no room for a completion.", param="messages")
+                           f"has {n_prompt} tokens, leaving no room for a completion.")
         if max_tokens is not None and n_prompt + max_tokens > limit:
             raise ApiError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                            f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -282,6 +300,33 @@ class Engine:
         """Hand in the token a TokenSource deferred (returned None for); resumes the sequence."""
         with self._lock:
             self._delivered.append((request_id, choice))
+            self._lock.notify()
+
+    def deliver_verdict(self, request_id: str, start: int, accepted: int, correction: TokenChoice,
+                        applied: Callable[[], None] | None = None) -> None:
+        """Settle the held drafts from position `start`: emit the first `accepted`, then the cloud's
+        `correction` for position start+accepted. A held draft there equal to the correction is kept
+        (with everything drafted after it: the pipelined next block); otherwise the edge rolls back
+        exactly — KV cells, tokens, h_K rows — and continues from the correction. `applied` runs on
+        the engine thread once this is done (a source syncs its own state there)."""
+        def apply(seq: _Sequence) -> None:
+            self._apply_verdict(seq, start, accepted, correction)
+        self._queue_control(request_id, apply, applied)
+
+    def fall_back(self, request_id: str, reason: str, applied: Callable[[], None] | None = None) -> None:
+        """The cloud failed this request: emit its held drafts as edge tokens and finish in edge mode."""
+        def apply(seq: _Sequence) -> None:
+            self._apply_fallback(seq, reason)
+        self._queue_control(request_id, apply, applied)
+
+    def _queue_control(self, request_id: str, apply: Callable[[_Sequence], None],
+                       applied: Callable[[], None] | None) -> None:
+        def run(seq: _Sequence) -> None:
+            apply(seq)
+            if applied is not None:
+                applied()
+        with self._lock:
+            self._control.append((request_id, run))
             self._lock.notify()
 
     @property
@@ -337,7 +382,7 @@ class Engine:
         self._abort_all("cancelled" if self.dead is None else "error", self.dead)
 
     def _has_work(self) -> bool:
-        if self._cancelled or self._delivered:
+        if self._cancelled or self._delivered or self._control:
             return True
         if self._waiting and self._free_slots:
             return True
@@ -367,6 +412,7 @@ class Engine:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
             delivered, self._delivered = self._delivered, []
+            control, self._control = self._control, []
             if cancelled:
                 self._waiting = collections.deque(w for w in self._waiting if w.req.request_id not in cancelled)
             admitted = []
@@ -380,7 +426,12 @@ class Engine:
             seq = self._running.get(rid)
             if seq is not None and seq.parked:
                 seq.parked = False
+                seq.parked_step = None
                 self._accept(seq, choice)
+        for rid, run in control:
+            seq = self._running.get(rid)
+            if seq is not None:
+                run(seq)
         for w, slot in admitted:
             self._admit(w, slot)
 
@@ -431,14 +482,65 @@ class Engine:
         for i, seq in enumerate(sched.outputs):
             step = ExitStep(request=seq.req, position=seq.n_past, logits=logits[i], sampler=seq.sampler,
                             tokens=seq.tokens, hidden=seq.hidden, stats=seq.stats)
-            choice = seq.source.decide(step)
-            if choice is None:
-                seq.parked = True
-            else:
-                self._accept(seq, choice)
+            self._decide(seq, step)
 
-    def _accept(self, seq: _Sequence, choice: TokenChoice) -> None:
-        """Append a chosen token, apply the stop rules, emit what became visible."""
+    def _decide(self, seq: _Sequence, step: ExitStep) -> None:
+        step.held = len(seq.held)
+        choice = seq.source.decide(step)
+        if choice is None:
+            seq.parked = True
+            seq.parked_step = step
+        elif isinstance(choice, Draft):
+            seq.held.append(choice.choice)
+            seq.tokens.append(choice.choice.token)  # decoded next step, emitted on a verdict
+        else:
+            self._accept(seq, choice)
+
+    def _apply_verdict(self, seq: _Sequence, start: int, accepted: int, correction: TokenChoice) -> None:
+        rid = seq.req.request_id
+        first = len(seq.tokens) - len(seq.held)  # position of the first held draft
+        if start != first or accepted > len(seq.held):
+            log.error("verdict for %s at %d (+%d) does not match its held drafts at %d (+%d)",
+                      rid, start, accepted, first, len(seq.held))
+            self._apply_fallback(seq, "cloud verdict out of step with the edge")
+            return
+        keep = accepted < len(seq.held) and seq.held[accepted].token == correction.token
+        emit, seq.held = seq.held[:accepted], seq.held[accepted + 1:] if keep else []
+        cut = start + accepted  # the correction's position
+        if not keep:
+            del seq.tokens[cut:]
+            seq.n_past = min(seq.n_past, cut)
+            self.ctx.remove(seq.slot, cut)
+            if seq.hidden is not None:
+                seq.hidden.truncate(cut)
+        for ch in emit + ([correction] if keep else []):
+            self._accept(seq, ch, append=False)
+            if rid not in self._running:
+                return
+        if not keep:
+            seq.parked, seq.parked_step = False, None
+            self._accept(seq, correction)
+        elif seq.parked and seq.parked_step is not None:
+            step, seq.parked, seq.parked_step = seq.parked_step, False, None
+            self._decide(seq, step)
+
+    def _apply_fallback(self, seq: _Sequence, reason: str) -> None:
+        rid = seq.req.request_id
+        seq.stats.fallback = reason
+        seq.source.release(seq.req)
+        seq.source = self._sources["edge"]
+        held, seq.held = seq.held, []
+        for ch in held:
+            self._accept(seq, ch, append=False)
+            if rid not in self._running:
+                return
+        if seq.parked and seq.parked_step is not None:
+            step, seq.parked, seq.parked_step = seq.parked_step, False, None
+            self._decide(seq, step)
+
+    def _accept(self, seq: _Sequence, choice: TokenChoice, *, append: bool = True) -> None:
+        """Append a chosen token (append=False: a held draft, already in `tokens`), apply the stop
+        rules, emit what became visible."""
         tok = choice.token
         seq.sampler.observe(tok)
         seq.n_generated += 1
@@ -454,9 +556,9 @@ class Engine:
         self._emit(seq, StreamEvent(seq.req.request_id, text=text, choice=choice))
         if hit:
             self._finish(seq, "stop", flush=False)
-        elif seq.n_generated >= seq.max_new or len(seq.tokens) + 1 > self.ctx_size:
+        elif seq.n_generated >= seq.max_new or len(seq.tokens) + 1 - len(seq.held) > self.ctx_size:
             self._finish(seq, "length")
-        else:
+        elif append:
             seq.tokens.append(tok)
 
     def _finish(self, seq: _Sequence, reason: str, *, flush: bool = True, error: str | None = None) -> None:

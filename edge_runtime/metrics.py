@@ -42,6 +42,16 @@ class EdgeMetrics:
         self.active = Gauge("fogline_edge_active_sequences", "Sequences being decoded", registry=r)
         self.ready = Gauge("fogline_edge_ready", "1 once the model is loaded and the engine runs", registry=r)
 
+    def watch_cloud(self, bridge: object) -> None:
+        """Cloud link gauges, read from the CloudBridge at scrape time."""
+        r = self.registry
+        self.cloud_connected = Gauge("fogline_edge_cloud_connected", "1 while the cloud link is up", registry=r)
+        self.cloud_rtt = Gauge("fogline_edge_cloud_rtt_seconds", "Cloud link round trip (ping EMA)", registry=r)
+        self.cloud_reconnects = Gauge("fogline_edge_cloud_reconnects", "Times the cloud link came back", registry=r)
+        self.cloud_connected.set_function(lambda: float(bridge.connected))  # type: ignore[attr-defined]
+        self.cloud_rtt.set_function(lambda: bridge.rtt_s or 0.0)  # type: ignore[attr-defined]
+        self.cloud_reconnects.set_function(lambda: bridge.reconnects)  # type: ignore[attr-defined]
+
     def watch(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Gauges read the engine at scrape time."""
         self.queue_depth.set_function(waiting)

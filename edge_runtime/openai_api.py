@@ -35,6 +35,7 @@ class ApiRequest:
     stream: bool = False
     include_usage: bool = False
     mode: str = "edge"
+    tau: float | None = None  # fogline_tau: collab confidence threshold for this request
     messages: list[dict[str, Any]] | None = None  # chat
     prompt_text: str | None = None  # completions, text prompt
     prompt_tokens: list[int] | None = None  # completions, token prompt
@@ -165,7 +166,10 @@ def _common(body: Any, kind: Kind, n_vocab: int, default_mode: str) -> tuple[dic
         logit_bias=_logit_bias(body, n_vocab),
         logprobs=logprobs, top_logprobs=top, max_tokens=max_tokens, stop=_stop(body),
         ignore_eos=_get_bool(body, "ignore_eos"))
-    return body, dict(kind=kind, model=model, params=params, stream=stream, include_usage=include_usage, mode=mode)
+    tau: float | None = _get_number(body, "fogline_tau", -1.0, 0.0, 1.0)
+    tau = None if tau is None or tau < 0 else tau
+    return body, dict(kind=kind, model=model, params=params, stream=stream, include_usage=include_usage, mode=mode,
+                      tau=tau)
 
 
 def parse_chat(body: Any, *, n_vocab: int, default_mode: str) -> ApiRequest:

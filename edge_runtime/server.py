@@ -44,6 +44,7 @@ class RuntimeSlot:
     error: str | None = None
     started: float = 0.0
     done: asyncio.Future[None] | None = None  # resolves when loading ended, either way
+    bridge: Any = None  # CloudBridge when cloud_url is set (collab / spec / cloud modes)
 
 
 CONFIG = web.AppKey("config", EdgeConfig)
@@ -80,6 +81,8 @@ def _runtime_ctx(loader: Loader) -> Callable[[web.Application], AsyncIterator[No
                 log.error("could not load the edge runtime: %s", e)
             else:
                 slot.runtime = rt
+                if cfg.cloud_url:
+                    slot.bridge = _start_bridge(cfg, rt, m, loop)
                 m.watch(lambda: rt.engine.n_waiting, lambda: rt.engine.n_running)
                 m.ready.set(1)
                 log.info("ready: serving %r", rt.model_name)
@@ -89,12 +92,36 @@ def _runtime_ctx(loader: Loader) -> Callable[[web.Application], AsyncIterator[No
         task = asyncio.create_task(load())
         yield
         await asyncio.shield(task)  # a thread cannot be interrupted; let loading finish, then free it
+        if slot.bridge is not None:
+            await slot.bridge.close()
         if slot.runtime is not None:
             m.ready.set(0)
             await loop.run_in_executor(None, slot.runtime.close)
             slot.runtime = None
 
     return runtime_ctx
+
+
+def _start_bridge(cfg: EdgeConfig, rt: EdgeRuntime, m: EdgeMetrics, loop: asyncio.AbstractEventLoop) -> Any:
+    """One CloudLink per process; register the cloud-backed modes on the engine."""
+    from edge_runtime.cloud_client import CloudLink
+    from edge_runtime.cloud_modes import CloudBridge, register_cloud_modes
+
+    cal = rt.manifest.calibration or {}
+    tau = cal.get("default_tau") if isinstance(cal.get("default_tau"), (int, float)) else cfg.tau
+    deadline = cfg.cloud_deadline_ms / 1000.0
+    link = CloudLink(cfg.cloud_url, fingerprint=rt.manifest.fingerprint, split=rt.manifest.split,
+                     token=cfg.cloud_token, codec=cfg.cloud_codec,
+                     connect_timeout=max(1.0, min(10.0, deadline or 10.0)),
+                     request_timeout=max(1.0, deadline) if deadline else 120.0)
+    bridge = CloudBridge(link, loop, deadline_s=deadline, history_limit=cfg.replay_history_tokens,
+                         tau=float(tau), spec_gamma=cfg.spec_gamma, ping_s=cfg.cloud_ping_s)
+    register_cloud_modes(rt.engine, bridge)
+    m.watch_cloud(bridge)
+    bridge.start()
+    log.info("cloud modes on: %s (codec %s, deadline %d ms, tau %.3g)", cfg.cloud_url, cfg.cloud_codec,
+             cfg.cloud_deadline_ms, tau)
+    return bridge
 
 
 # --------------------------------------------------------------------------- middlewares
@@ -211,7 +238,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     prompt, echo_text = _prompt_tokens(rt, api)
     rid = uuid.uuid4().hex
     events = _EventQueue(asyncio.get_running_loop())
-    rt.engine.submit(GenerationRequest(rid, prompt, api.params, api.mode), events.emit)
+    capture = api.mode in ("collab", "spec", "cloud") and request.app[RUNTIME].bridge is not None
+    rt.engine.submit(GenerationRequest(rid, prompt, api.params, api.mode, capture_hidden=capture, tau=api.tau),
+                     events.emit)
     m = request.app[METRICS]
     m.prompt_tokens.inc(len(prompt))
     builder = ResponseBuilder(kind=api.kind, model=rt.model_name, piece=rt.model.token_bytes,
@@ -355,6 +384,8 @@ async def health(request: web.Request) -> web.Response:
     slot, cfg = request.app[RUNTIME], request.app[CONFIG]
     body: dict[str, Any] = {"status": "loading", "parallel": cfg.parallel, "capture_hidden": cfg.capture_hidden,
                             "cloud": {"configured": False, "connected": False}}
+    if slot.bridge is not None:
+        body["cloud"] = slot.bridge.state()
     status = 503
     if slot.error is not None:
         body.update(status="error", error=slot.error)

@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 EDGE_MODULES = ["edge_runtime.config", "edge_runtime.errors", "edge_runtime.sampling", "edge_runtime.chat",
                 "edge_runtime.engine", "edge_runtime.loader", "edge_runtime.metrics", "edge_runtime.openai_api",
                 "edge_runtime.server", "edge_runtime.serve", "edge_runtime.llama_backend", "edge_runtime.hidden_tap",
-                "fogline.cli", "fogline.manifest", "fogline.errors"]
+                "edge_runtime.cloud_client", "edge_runtime.cloud_generation", "edge_runtime.cloud_modes",
+                "tools.wanem", "fogline.cli", "fogline.manifest", "fogline.errors"]
 
 PROBE = """
 import contextlib, importlib, io, sys

@@ -1,0 +1,413 @@
+"""`cloud`, `collab` and `spec` modes inside the edge daemon: TokenSources backed by the cloud.
+
+The engine thread calls `decide(step)`. A source that needs the cloud copies the h_K rows
+it must send, schedules the call on the daemon's event loop
+(`asyncio.run_coroutine_threadsafe`) and returns None (the sequence parks) or, in spec mode,
+a `Draft`. The coroutine answers through `Engine.deliver` / `deliver_verdict` / `fall_back`.
+All cloud I/O of one request runs under one asyncio lock, so its frames leave in the order
+the engine produced them.
+
+* `cloud`  — every token from the deep layers: `infer` with the rows not uploaded yet.
+* `collab` — CE-CoLLM: the exit head's token is emitted when its max probability >= τ
+  (request `fogline_tau`, else the bundle's calibrated τ, else config `tau`); otherwise
+  `infer`. Rows of edge-emitted positions go up lazily: the prompt's rows as soon as prefill
+  produced them, then a background `append` (no ack) once `LAZY_BATCH` rows are pending, the
+  rest piggybacked on the next `infer`. A row is recorded once in the request's CloudSession
+  and sent from `cloud_len` only, so no position goes up twice (the cloud would refuse an
+  overlap as `position_gap` anyway); a replay happens only after the cloud lost the session.
+* `spec`   — LayerSkip over the network with PicoSpec's pipeline: the edge drafts a block of γ
+  tokens (held, not emitted), sends their h_K with `verify`, and keeps drafting the next block
+  while the verdict is in flight. The engine emits the accepted drafts + the cloud's
+  correction; a held draft equal to the correction survives (with the block after it),
+  anything else is rolled back exactly (llama.cpp seq_rm, tokens, h_K rows) and the cloud
+  truncates past the accepted prefix itself. Sampling: drafts carry the edge's sparse
+  distribution q (top `DRAFT_TOP` probabilities); the cloud accepts with min(1, p/q) and on
+  rejection samples norm(max(0, p − q)) — the same PicoSpec residual, computed at the cloud
+  where p is (one message less than shipping p's top-k back).
+
+  γ rule (per request): start at `spec_gamma`; after a verdict that accepted the whole block
+  γ ← γ + 1, else γ ← max(1, accepted + 1); γ ≤ γ_max = max(2·spec_gamma, ⌈RTT / t_draft⌉)
+  where t_draft is the edge's measured time per drafted token and RTT the link's ping EMA:
+  on a slow link a longer block keeps the edge busy for one round trip, on a fast link or a
+  poor exit head short blocks waste less. The pipelined next block is capped at γ too.
+
+Failover: any cloud error that survives CloudSession's repair (replay on `unknown_session`,
+resync on `position_gap`, retries on a dropped link), a call slower than `cloud_deadline_ms`,
+or a history longer than `replay_history_tokens` ends the request's cloud use: the engine
+emits its held drafts and continues in edge mode with `fallback` set. The HTTP request never
+fails because of the cloud.
+
+Torch-free (tests/test_edge_imports.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.cloud_client import CloudLink
+from edge_runtime.cloud_generation import CloudSession
+from edge_runtime.engine import Draft, Engine, ExitStep, GenerationRequest
+from edge_runtime.sampling import SamplingParams, TokenChoice
+from fogline.wire.errors import FoglineError
+from fogline.wire.protocol import Sampling
+
+log = logging.getLogger("fogline.edge.modes")
+
+LAZY_BATCH = 8  # collab: pending edge rows that trigger a background append
+DRAFT_TOP = 32  # spec sampling: entries of q sent with each draft
+CLOUD_MODES = ("collab", "spec", "cloud")
+
+
+def wire_sampling(p: SamplingParams) -> Sampling:
+    return Sampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed)
+
+
+class CloudBridge:
+    """The daemon's one cloud link: connection upkeep with backoff + jitter, RTT by ping, and
+    the bridge between the engine thread and the event loop."""
+
+    def __init__(self, link: CloudLink, loop: asyncio.AbstractEventLoop, *, deadline_s: float,
+                 history_limit: int, tau: float, spec_gamma: int, ping_s: float = 2.0,
+                 on_fallback: Callable[[str, str], None] | None = None) -> None:
+        self.link, self.loop = link, loop
+        self.deadline_s = deadline_s or None
+        self.history_limit = history_limit
+        self.tau, self.spec_gamma, self.ping_s = tau, spec_gamma, ping_s
+        self.on_fallback = on_fallback
+        self.rtt_s: float | None = None  # EMA of ping round trips
+        self.last_error: str | None = None
+        self.reconnects = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    def state(self) -> dict[str, Any]:
+        return {"configured": True, "connected": self.connected, "url": self.link.url,
+                "rtt_ms": None if self.rtt_s is None else round(self.rtt_s * 1000, 3),
+                "reconnects": self.reconnects, "last_error": self.last_error}
+
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._upkeep(), name="fogline-cloud-upkeep")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.link.close()
+
+    async def _upkeep(self) -> None:
+        """Keep the link up: reconnect with exponential backoff and full jitter; ping for RTT."""
+        backoff = 0.2
+        was_up = False
+        while True:
+            try:
+                if not self.link.connected:
+                    await self.link.connect()
+                    if was_up:
+                        self.reconnects += 1
+                    was_up, backoff, self.last_error = True, 0.2, None
+                rtt = await asyncio.wait_for(self.link.ping(), max(self.ping_s, 5.0))
+                self.rtt_s = rtt if self.rtt_s is None else 0.8 * self.rtt_s + 0.2 * rtt
+                await asyncio.sleep(self.ping_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # unreachable, refused, handshake refused, timeout
+                self.last_error = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(random.uniform(0, backoff))
+                backoff = min(backoff * 2, 10.0)
+
+    def schedule(self, coro: Awaitable[Any]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    async def call(self, aw: Awaitable[Any]) -> Any:
+        """One cloud exchange under the deadline."""
+        if self.deadline_s is None:
+            return await aw
+        try:
+            return await asyncio.wait_for(aw, self.deadline_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise DeadlineExceeded(f"cloud slower than cloud_deadline_ms ({self.deadline_s * 1000:.0f} ms)") from None
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, DeadlineExceeded):
+        return str(e)
+    if isinstance(e, FoglineError):
+        return f"cloud error: {e}"
+    return f"cloud unavailable: {type(e).__name__}: {e}"
+
+
+@dataclass
+class _Req:
+    """One request's cloud state (engine thread fields + loop thread fields, see each)."""
+
+    cs: CloudSession
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    recorded: int = 0  # engine thread: h_K rows handed to the cloud session so far (positions [0, recorded))
+    failed: bool = False
+    # spec
+    inflight: bool = False
+    block_start: int = 0
+    block_len: int = 0
+    gamma: int = 4
+    t_last: float = 0.0
+    t_draft: float = 0.0  # EMA seconds per edge step
+    q: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # spec sampling: position -> q
+
+
+class _CloudSource:
+    """Shared plumbing of the three cloud-backed sources."""
+
+    mode = "cloud"
+
+    def __init__(self, engine: Engine, bridge: CloudBridge) -> None:
+        self.engine, self.bridge = engine, bridge
+        self._eog = tuple(t for t in range(engine.model.n_vocab) if engine.model.is_eog(t))
+        self._reqs: dict[str, _Req] = {}
+        self._mu = threading.Lock()
+
+    def _state(self, step: ExitStep) -> _Req:
+        rid = step.request.request_id
+        with self._mu:
+            st = self._reqs.get(rid)
+            if st is None:
+                st = self._reqs[rid] = _Req(CloudSession(self.bridge.link, max_retries=8, backoff_s=0.2),
+                                            gamma=self.bridge.spec_gamma)
+        return st
+
+    def release(self, request: GenerationRequest) -> None:
+        with self._mu:
+            st = self._reqs.pop(request.request_id, None)
+        if st is not None and st.recorded:
+            async def close() -> None:
+                async with st.lock:
+                    await st.cs.close()
+            self.bridge.schedule(close())
+
+    def _edge_choice(self, step: ExitStep) -> TokenChoice:
+        banned = self._eog if step.request.params.ignore_eos else ()
+        return step.sampler.choose(step.logits, banned)
+
+    def _rows(self, step: ExitStep, st: _Req, upto: int) -> np.ndarray:
+        assert step.hidden is not None
+        rows = step.hidden.view(st.recorded, upto).copy()
+        st.recorded = upto
+        return rows
+
+    def _too_long(self, step: ExitStep, st: _Req) -> str | None:
+        if step.hidden is None:
+            return "this request keeps no h_K (capture off)"
+        if step.position > self.bridge.history_limit:
+            return f"context beyond replay_history_tokens ({self.bridge.history_limit})"
+        if st.failed:
+            return "cloud failed earlier in this request"
+        if st.recorded == 0 and not self.bridge.connected and self.bridge.last_error is not None:
+            return f"cloud unreachable: {self.bridge.last_error}"
+        return None
+
+    def _fail(self, rid: str, st: _Req, why: str) -> None:
+        st.failed = True
+        log.warning("request %s continues in edge mode: %s", rid, why)
+        if self.bridge.on_fallback is not None:
+            self.bridge.on_fallback(self.mode, why)
+        self.engine.fall_back(rid, why)
+
+    def _infer(self, step: ExitStep, st: _Req, rows: np.ndarray, lazy: np.ndarray | None = None) -> None:
+        """Ask the cloud for position step.position's token; deliver it (or fall back)."""
+        rid, stats, params = step.request.request_id, step.stats, step.request.params
+        sampling = wire_sampling(params)
+        up = rows.shape[0] * rows.shape[1] * 2
+
+        async def run() -> None:
+            async with st.lock:
+                if st.failed:
+                    return
+                try:
+                    res = await self.bridge.call(st.cs.infer(rows, sampling, top_n=1))
+                except Exception as e:
+                    self._fail(rid, st, _why(e))
+                    return
+            stats.cloud_round_trips += 1
+            stats.bytes_up += up + 64
+            stats.bytes_down += 48
+            p = next((pr for t, pr in res.top if t == res.token), None)
+            conf = res.top[0][1] if res.top else 0.0
+            lp = math.log(p) if p else 0.0
+            self.engine.deliver(rid, TokenChoice(res.token, lp, conf, origin="cloud"))
+
+        self.bridge.schedule(run())
+
+    def _append_lazy(self, step: ExitStep, st: _Req, rows: np.ndarray) -> None:
+        stats = step.stats
+        up = rows.shape[0] * rows.shape[1] * 2 + 64
+
+        async def run() -> None:
+            async with st.lock:
+                if st.failed:
+                    return
+                await st.cs.append_lazy(rows)
+                stats.bytes_up += up
+
+        self.bridge.schedule(run())
+
+
+class CloudModeSource(_CloudSource):
+    """`cloud`: every token from the deep layers."""
+
+    mode = "cloud"
+
+    def decide(self, step: ExitStep) -> TokenChoice | None:
+        st = self._state(step)
+        if (why := self._too_long(step, st)) is not None:
+            st.failed = True
+            step.stats.fallback = why
+            return self._edge_choice(step)
+        self._infer(step, st, self._rows(step, st, step.position))
+        return None
+
+
+class CollabSource(_CloudSource):
+    """`collab`: edge token when confident, else the cloud's; lazy, exactly-once h_K upload."""
+
+    mode = "collab"
+
+    def __init__(self, engine: Engine, bridge: CloudBridge) -> None:
+        super().__init__(engine, bridge)
+
+    def decide(self, step: ExitStep) -> TokenChoice | None:
+        st = self._state(step)
+        choice = self._edge_choice(step)
+        if (why := self._too_long(step, st)) is not None:
+            if not st.failed:
+                st.failed = True
+                step.stats.fallback = why
+            return choice
+        tau = step.request.tau if step.request.tau is not None else self.bridge.tau
+        if choice.confidence >= tau:
+            pending = step.position - st.recorded
+            if st.recorded == 0 or pending >= LAZY_BATCH:  # the prompt at once, then in batches
+                self._append_lazy(step, st, self._rows(step, st, step.position))
+            return choice
+        self._infer(step, st, self._rows(step, st, step.position))
+        return None
+
+
+class SpecSource(_CloudSource):
+    """`spec`: drafts verified by the cloud, the next block drafted while a verdict is in flight."""
+
+    mode = "spec"
+
+    def decide(self, step: ExitStep) -> TokenChoice | Draft | None:
+        st = self._state(step)
+        choice = self._edge_choice(step)
+        if (why := self._too_long(step, st)) is not None:
+            if not st.failed:
+                st.failed = True
+                step.stats.fallback = why
+                if step.held:  # cannot happen before the first verify; be safe
+                    self.engine.fall_back(step.request.request_id, why)
+                    return None
+            return choice
+        now = time.monotonic()
+        if st.t_last and step.held:
+            st.t_draft = (now - st.t_last) if not st.t_draft else 0.8 * st.t_draft + 0.2 * (now - st.t_last)
+        st.t_last = now
+        P, held = step.position, step.held
+        if st.recorded == 0 and P > 1:  # the prompt's rows go up now, overlapping the first drafts
+            self._append_lazy(step, st, self._rows(step, st, P - 1))
+        remaining = self._remaining(step) - held
+        eog_held = held > 0 and step.tokens[-1] in self._eog
+        if not st.inflight:
+            if held < st.gamma and remaining > 1 and not eog_held:
+                return self._draft(step, st, choice)
+            self._verify(step, st)
+            st.inflight = True
+        if held - st.block_len < st.gamma and remaining > 1 and not eog_held:
+            return self._draft(step, st, choice)  # pipelined: the next block, assuming acceptance
+        return None  # park until the verdict
+
+    def _draft(self, step: ExitStep, st: _Req, choice: TokenChoice) -> Draft:
+        if step.request.params.temperature > 0:
+            z = step.sampler.adjusted(step.logits).astype(np.float64) / step.request.params.temperature
+            top = np.argpartition(-z, DRAFT_TOP)[:DRAFT_TOP]
+            e = np.exp(z - z.max())
+            pr = e[top] / e.sum()
+            st.q[step.position] = tuple((int(t), float(x)) for t, x in zip(top, pr))
+        return Draft(choice)
+
+    def _remaining(self, step: ExitStep) -> int:
+        req = step.request
+        generated = len(step.tokens) - len(req.prompt)  # includes held drafts
+        limit = self.engine.check_fits(len(req.prompt), req.params.max_tokens)
+        ctx_room = self.engine.ctx_size - len(step.tokens)
+        return min(limit - generated, ctx_room) + step.held
+
+    def _verify(self, step: ExitStep, st: _Req) -> None:
+        P, held = step.position, step.held
+        start = P - held  # first draft's position
+        st.block_start, st.block_len = start, held
+        catch = self._rows(step, st, start - 1) if st.recorded < start - 1 else None  # rows the cloud lacks
+        rows = self._rows(step, st, P)  # positions [start-1, P)
+        draft = list(step.tokens[start:P])
+        rid, stats, params = step.request.request_id, step.stats, step.request.params
+        sampling = wire_sampling(params)
+        probs = None
+        if not sampling.greedy:
+            probs = tuple(st.q.pop(p, ()) for p in range(start, P))
+        up = rows.shape[0] * rows.shape[1] * 2 + 8 * len(draft) + 64
+        gamma_max = max(2 * self.bridge.spec_gamma,
+                        math.ceil((self.bridge.rtt_s or 0.0) / st.t_draft) if st.t_draft > 0 else 0)
+        gamma_max = min(gamma_max, 32)
+
+        async def run() -> None:
+            async with st.lock:
+                if st.failed:
+                    return
+                if catch is not None:
+                    st.cs.record(catch)
+                try:
+                    res = await self.bridge.call(st.cs.verify(rows, draft, sampling, probs))
+                except Exception as e:
+                    self._fail(rid, st, _why(e))
+                    return
+            stats.cloud_round_trips += 1
+            stats.bytes_up += up
+            stats.bytes_down += 48
+
+            def applied() -> None:  # engine thread, after the engine applied the verdict
+                st.inflight = False
+                st.recorded = min(st.recorded, res.length)
+                st.gamma = min(gamma_max, st.gamma + 1) if res.accepted == len(draft) else max(1, res.accepted + 1)
+
+            self.engine.deliver_verdict(rid, start, res.accepted, TokenChoice(res.token, 0.0, 0.0, origin="cloud"),
+                                        applied)
+
+        self.bridge.schedule(run())
+
+
+def register_cloud_modes(engine: Engine, bridge: CloudBridge) -> dict[str, _CloudSource]:
+    sources: dict[str, _CloudSource] = {"cloud": CloudModeSource(engine, bridge),
+                                        "collab": CollabSource(engine, bridge),
+                                        "spec": SpecSource(engine, bridge)}
+    for mode, src in sources.items():
+        engine.register_source(mode, src)
+    return sources
