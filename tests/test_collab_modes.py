@@ -238,9 +238,9 @@ def test_spec_mode_matches_full_model(edge, cloud, f32_bundle, prompts, referenc
         assert stats["edge_tokens"] + stats["cloud_tokens"] == N_SPEC
         accepted += stats["edge_tokens"]
         identical += _assert_matches(f32_bundle, text, ref, N_SPEC)
+    resent = cloud.metric("fogline_cloud_hidden_rows_total", '{kind="repeat"}') - repeat0
     print(f"\nspec mode: {identical}/{len(prompts)} identical; {accepted} drafted tokens accepted of "
-          f"{N_SPEC * len(prompts)}; rolled-back rows re-sent: "
-          f"{cloud.metric('fogline_cloud_hidden_rows_total', '{kind=\"repeat\"}') - repeat0:.0f}")
+          f"{N_SPEC * len(prompts)}; rolled-back rows re-sent: {resent:.0f}")
     assert identical >= 5
 
 

@@ -1,0 +1,177 @@
+"""Collaborative-inference benchmark: what each mode costs over an emulated WAN.
+
+    python -m tools.bench_collab --bundle DIR [--rtt 20,50,100] [--mbit 20] [--tokens 32] [--prompts 4]
+
+One invocation: a real `fogline cloud serve` subprocess, a WanEmulator (tools/wanem.py) in
+front of it, and a real `fogline edge serve` whose cloud link goes through the emulator; for
+each RTT and mode the same prompts are sent (greedy, ignore_eos) with the openai client,
+streaming. Columns: wall time per request, TTFT, mean inter-token latency, % edge tokens,
+cloud deep-layer token-passes per generated token (cloud `fogline_cloud_positions_total`),
+cloud process CPU-seconds per generated token (psutil on the cloud pid), bytes on the wire
+per generated token (counted by the emulator, both directions), cloud round trips per
+generated token (as the edge reports them), agreement with `cloud` mode (= the full model,
+tests/test_collab_modes.py). Printed as one table per RTT, plus JSON (--json PATH).
+
+Not measured yet: `cloud-only` (whole model at the cloud, text up) and `naive split`
+(fp32, whole context re-sent every token) need a cloud-side path that does not exist yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
+           "Explain photosynthesis to a child.", "List three uses of a paperclip.", "Tell me a joke about computers."]
+MODES = ("edge", "collab", "spec", "cloud")
+
+
+def _port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True, help="export dir with edge/ and cloud/")
+    ap.add_argument("--rtt", default="20,50,100")
+    ap.add_argument("--mbit", type=float, default=20.0)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--tau", type=float, default=None, help="collab τ (default: the bundle's calibrated one)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    import psutil
+    from openai import OpenAI
+
+    from tests.edge_server_util import start_edge_server
+    from tools.wanem import LinkShape, WanEmulator
+
+    bundle = Path(args.bundle)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cport = _port()
+    clog = open("/tmp/bench_collab_cloud.log", "wb")
+    cloud = subprocess.Popen([sys.executable, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"),
+                              "--port", str(cport), "--threads", "1"], stdout=clog, stderr=subprocess.STDOUT,
+                             env=env, cwd=REPO)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{cport}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    cproc = psutil.Process(cloud.pid)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for rtt in [float(x) for x in args.rtt.split(",")]:
+            wan = asyncio.run_coroutine_threadsafe(
+                WanEmulator(("127.0.0.1", cport), LinkShape(delay_ms=rtt / 2, mbit=args.mbit)).start(), loop).result()
+            eenv = dict(env, FOGLINE_EDGE_CLOUD_URL=f"ws://127.0.0.1:{wan.port}/ws", FOGLINE_EDGE_THREADS="1",
+                        FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000")
+            edge = start_edge_server(bundle / "edge", Path("/tmp/bench_collab_edge.log"), env=eenv)
+            try:
+                for _ in range(300):
+                    if edge.health()[1]["cloud"].get("connected"):
+                        break
+                    time.sleep(0.1)
+                client = OpenAI(base_url=edge.v1, api_key="x", max_retries=0, timeout=600)
+                name = edge.health()[1]["model"]
+                texts: dict[str, list[str]] = {}
+                results[str(int(rtt))] = per = {}
+                for mode in MODES:
+                    walls, ttfts, itls, edge_t, gen, rts = [], [], [], 0, 0, 0
+                    b0 = wan.stats.bytes_up + wan.stats.bytes_down
+                    p0 = _metric(cport, "fogline_cloud_positions_total")
+                    cpu0 = sum(cproc.cpu_times()[:2])
+                    texts[mode] = []
+                    for prompt in PROMPTS[:args.prompts]:
+                        extra = {"mode": mode, "ignore_eos": True}
+                        if args.tau is not None:
+                            extra["fogline_tau"] = args.tau
+                        t0 = time.monotonic()
+                        stamps, text, stats = [], "", {}
+                        for ch in client.chat.completions.create(
+                                model=name, messages=[{"role": "user", "content": prompt}], max_tokens=args.tokens,
+                                temperature=0, stream=True, extra_body=extra):
+                            if ch.choices and ch.choices[0].delta.content:
+                                stamps.append(time.monotonic())
+                                text += ch.choices[0].delta.content
+                            f = ch.model_extra.get("fogline") or ((ch.choices[0].model_extra or {}).get("fogline")
+                                                                   if ch.choices else None)
+                            stats = f or stats
+                        walls.append(time.monotonic() - t0)
+                        if stamps:
+                            ttfts.append(stamps[0] - t0)
+                            itls += [b - a for a, b in zip(stamps, stamps[1:])]
+                        edge_t += stats.get("edge_tokens", 0)
+                        n = stats.get("edge_tokens", 0) + stats.get("cloud_tokens", 0)
+                        gen += n
+                        rts += stats.get("cloud_round_trips", 0)
+                        texts[mode].append(text)
+                    gen = max(gen, 1)
+                    per[mode] = {
+                        "wall_s": sum(walls) / len(walls), "ttft_s": sum(ttfts) / max(len(ttfts), 1),
+                        "itl_ms": 1000 * sum(itls) / max(len(itls), 1), "edge_pct": 100.0 * edge_t / gen,
+                        "cloud_passes_per_tok": (_metric(cport, "fogline_cloud_positions_total") - p0) / gen,
+                        "cloud_cpu_s_per_tok": (sum(cproc.cpu_times()[:2]) - cpu0) / gen,
+                        "wire_bytes_per_tok": (wan.stats.bytes_up + wan.stats.bytes_down - b0) / gen,
+                        "round_trips_per_tok": rts / gen}
+                for mode in MODES:  # agreement with cloud mode (identical to the full model)
+                    same = sum(_prefix_agree(a, b) for a, b in zip(texts[mode], texts["cloud"]))
+                    per[mode]["agreement"] = same / max(len(texts["cloud"]), 1)
+            finally:
+                edge.stop()
+                asyncio.run_coroutine_threadsafe(wan.close(), loop).result()
+            _print_table(rtt, args.mbit, per)
+    finally:
+        cloud.terminate()
+        cloud.wait()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+    return 0
+
+
+def _prefix_agree(a: str, b: str) -> float:
+    """Fraction of the reference text (characters) reproduced before the first difference."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n / max(len(b), 1)
+
+
+def _print_table(rtt: float, mbit: float, per: dict[str, dict[str, float]]) -> None:
+    cols = [("wall_s", "wall s/req", "{:.2f}"), ("ttft_s", "TTFT s", "{:.3f}"), ("itl_ms", "ITL ms", "{:.1f}"),
+            ("edge_pct", "% edge", "{:.0f}"), ("cloud_passes_per_tok", "deep passes/tok", "{:.2f}"),
+            ("cloud_cpu_s_per_tok", "cloud CPU s/tok", "{:.4f}"), ("wire_bytes_per_tok", "wire B/tok", "{:.0f}"),
+            ("round_trips_per_tok", "RT/tok", "{:.2f}"), ("agreement", "agree", "{:.2f}")]
+    print(f"\nRTT {rtt:g} ms, {mbit:g} Mbit/s")
+    print("| mode | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for mode, r in per.items():
+        print(f"| {mode} | " + " | ".join(f.format(r[k]) for k, _, f in cols) + " |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
