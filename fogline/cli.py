@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = cloud_sub.add_parser("serve", help="serve a cloud bundle to edges over websockets")
     _add_cloud_serve_arguments(p)
     p.set_defaults(handler=_cloud_serve)
+    p = cloud_sub.add_parser("install-service", help="write the cloud's systemd unit and a commented default config")
+    from fogline.service_install import add_arguments as add_install_arguments  # light: argparse only
+
+    add_install_arguments(p, role="cloud")
+    p.set_defaults(handler=_install_service)
 
     p = sub.add_parser("install-service", help="write a systemd unit and a commented default config (kept if present)")
     from fogline.service_install import add_arguments as add_install_service_arguments  # light: argparse only
@@ -75,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_edge_serve_arguments(p)
     p.set_defaults(handler=_edge_serve)
+    p = edge.add_parser("install-service", help="write the edge's systemd unit and a commented default config")
+    add_install_arguments(p, role="edge")
+    p.set_defaults(handler=_install_service)
     return parser
 
 
