@@ -134,3 +134,53 @@ class HiddenStateTap:
         self._tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
         self._chunks.append(out)
         return True
+
+
+def _layer_input_functions() -> tuple[Any, Any] | None:
+    """llama.cpp's per-layer input extraction (llama-ext.h, not in llama.h), if this build exports it."""
+    from llama_cpp import llama_cpp as lib_mod
+
+    lib = lib_mod._lib
+    fns = []
+    for names, args, res in (
+            (("llama_set_embeddings_layer_inp", "_Z30llama_set_embeddings_layer_inpP13llama_contextjb"),
+             [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None),
+            (("llama_get_embeddings_layer_inp", "_Z30llama_get_embeddings_layer_inpP13llama_contextj"),
+             [ctypes.c_void_p, ctypes.c_uint32], ctypes.POINTER(ctypes.c_float))):
+        fn = next((getattr(lib, n) for n in names if hasattr(lib, n)), None)
+        if fn is None:
+            return None
+        fn.argtypes, fn.restype = args, res
+        fns.append(fn)
+    return fns[0], fns[1]
+
+
+def layer_input_supported() -> bool:
+    return _layer_input_functions() is not None
+
+
+class LayerInputTap:
+    """h_K read as the *input* of block K (exactly what block K-1 wrote), copied out by llama.cpp.
+
+    No Python runs per graph node and every batch row is kept, so capture costs
+    one memcpy per decode. It needs a block after K-1 in the GGUF: true for an
+    edge GGUF with an exit adapter, not for one whose last block is K-1.
+    """
+
+    def __init__(self, ctx_ptr: Any, layer_index: int, n_embd: int) -> None:
+        fns = _layer_input_functions()
+        if fns is None:
+            raise HiddenStateContractError("this llama.cpp build has no llama_get_embeddings_layer_inp")
+        self._set, self._get = fns
+        self.layer_index = layer_index
+        self.block = layer_index + 1  # h_K is the input of the block after the tapped one
+        self.n_embd = n_embd
+        self._ctx = ctx_ptr
+        self._set(ctx_ptr, self.block, True)
+
+    def read(self, n_rows: int) -> np.ndarray:
+        """h_K of the last decode's rows, in batch order: [n_rows, n_embd] float32."""
+        ptr = self._get(self._ctx, self.block)
+        if not ptr:
+            raise HiddenStateContractError(f"llama.cpp extracted no input for block {self.block}")
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_embd)).copy()

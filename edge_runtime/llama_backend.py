@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.hidden_tap import HiddenStateTap
+from edge_runtime.hidden_tap import HiddenStateTap, LayerInputTap, layer_input_supported
 from fogline.errors import BundleError, FoglineError, HiddenStateContractError
 
 _backend_lock = threading.Lock()
@@ -137,12 +137,16 @@ class LlamaContext:
     """A llama.cpp context with up to `n_seq` independent KV sequences.
 
     If `tap_layer` is given, h_K (the residual stream after that block) can be
-    captured on any decode with `capture_hidden=True`.
+    captured on any decode with `capture_hidden=True`. `hidden_via` picks how:
+    "callback" (the eval-callback tap: works for any block, costs a Python call
+    per graph node while installed), "layer_input" (llama.cpp copies the next
+    block's input out natively; needs a block after the tapped one), or "auto"
+    (layer_input when possible).
     """
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_batch: int = 512, n_seq: int = 1,
                  n_threads: int | None = None, tap_layer: int | None = None,
-                 kv_unified: bool = False) -> None:
+                 kv_unified: bool = False, hidden_via: str = "callback") -> None:
         # kv_unified=False (llama.cpp's default) gives every sequence its own KV stream: a
         # sequence's cells then always hold positions 0..n in order, so its results do not
         # depend on what else shares the batch. llama.cpp then splits a mixed batch into
@@ -161,16 +165,29 @@ class LlamaContext:
         params.no_perf = True
         params.kv_unified = kv_unified
         self.tap: HiddenStateTap | None = None
+        self.layer_tap: LayerInputTap | None = None
+        native = False
         if tap_layer is not None:
             if not 0 <= tap_layer < model.n_layer:
                 raise BundleError(f"tap layer {tap_layer} outside the GGUF's {model.n_layer} blocks")
-            self.tap = HiddenStateTap(tap_layer, model.n_embd)
-            params.cb_eval = self.tap.callback
-            params.cb_eval_user_data = None
+            if hidden_via not in ("auto", "callback", "layer_input"):
+                raise ValueError(f"hidden_via={hidden_via!r}")
+            has_next = tap_layer + 1 < model.n_layer
+            if hidden_via == "layer_input" and not has_next:
+                raise BundleError(f"block {tap_layer} is the GGUF's last: its output is no block's input")
+            native = has_next and (hidden_via == "layer_input" or (hidden_via == "auto" and layer_input_supported()))
+            if not native:
+                self.tap = HiddenStateTap(tap_layer, model.n_embd)
+                params.cb_eval = self.tap.callback
+                params.cb_eval_user_data = None
         ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ctx:
             raise BundleError("llama.cpp could not create a context (out of memory?)")
         self.ptr = ctx
+        if native:
+            assert tap_layer is not None
+            self.layer_tap = LayerInputTap(ctx, tap_layer, model.n_embd)
+        self.can_capture = tap_layer is not None
         self.n_ctx: int = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = n_batch
         self.n_seq = n_seq
@@ -178,14 +195,14 @@ class LlamaContext:
         self.memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         # If the tapped block is the GGUF's last, llama.cpp keeps only output rows there.
-        self.tap_needs_all_outputs = tap_layer is not None and tap_layer == model.n_layer - 1
+        self.tap_needs_all_outputs = self.tap is not None and tap_layer == model.n_layer - 1
 
     def decode(self, rows: list[BatchRow], capture_hidden: bool = False) -> DecodeResult:
         """Run one batch; rows may belong to different sequences."""
         n = len(rows)
         if not 0 < n <= self.n_batch:
             raise DecodeError(f"batch of {n} rows; must be 1..{self.n_batch}")
-        capture = capture_hidden and self.tap is not None
+        capture = capture_hidden and self.can_capture
         force_all = capture and self.tap_needs_all_outputs
         b = self._batch
         n_out = 0
@@ -202,14 +219,16 @@ class LlamaContext:
                     out_index.append(n_out)
                 n_out += 1
         b.n_tokens = n
-        if capture:
+        if capture and self.tap is not None:
             self.tap.begin()
         rc = self._llama.llama_decode(self.ptr, b)
-        hidden = self.tap.take() if capture else None
+        hidden = None
+        if capture:
+            hidden = self.tap.take() if self.tap is not None else self.layer_tap.read(n)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc} (KV cache full or batch invalid)")
-        if hidden is not None and not self.kv_unified and self.n_seq > 1:
-            hidden = self._to_batch_order(rows, hidden)
+        if hidden is not None and self.tap is not None and not self.kv_unified and self.n_seq > 1:
+            hidden = self._to_batch_order(rows, hidden)  # (the layer-input copy is already in batch order)
         if n_out:
             ptr = self._llama.llama_get_logits(self.ptr)
             all_logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab))

@@ -66,7 +66,8 @@ def load_runtime(cfg: EdgeConfig) -> EdgeRuntime:
         # positions in order, so its tokens are bit-identical to decoding it alone.
         ctx = LlamaContext(model, n_ctx=cfg.parallel * cfg.ctx_size, n_batch=cfg.batch_size,
                            n_seq=cfg.parallel, n_threads=cfg.effective_threads(),
-                           tap_layer=manifest.split - 1 if cfg.capture_hidden or cfg.cloud_url else None, kv_unified=False)
+                           tap_layer=manifest.split - 1 if cfg.capture_hidden or cfg.cloud_url else None,
+                           kv_unified=False, hidden_via="auto")
         if ctx.n_ctx < cfg.parallel * cfg.ctx_size:
             ctx.close()
             raise ConfigError(f"ctx_size: llama.cpp gave {ctx.n_ctx} KV cells for {cfg.parallel} x {cfg.ctx_size}")

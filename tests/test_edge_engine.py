@@ -113,7 +113,7 @@ def test_hidden_states_of_every_position_match_a_solo_prefill(rt):
         toks = rec.tokens[r.request_id]
         hid = rec.hidden[r.request_id]
         assert hid.dtype == np.float16 and hid.shape == (len(toks), rt.model.n_embd)
-        ref_ctx = LlamaContext(rt.model, n_ctx=CTX, n_batch=CTX, tap_layer=rt.manifest.split - 1)
+        ref_ctx = LlamaContext(rt.model, n_ctx=CTX, n_batch=CTX, n_threads=1, tap_layer=rt.manifest.split - 1)
         try:
             ref = prefill(ref_ctx, toks, capture_hidden=True).hidden
         finally:
@@ -121,13 +121,18 @@ def test_hidden_states_of_every_position_match_a_solo_prefill(rt):
         np.testing.assert_array_equal(hid, ref.astype(np.float16))
 
 
-def test_hidden_rows_come_back_in_batch_order_across_micro_batches(rt):
-    """Random mixed batches over 3 sequences: every h_K row lands where its batch row was."""
+@pytest.mark.parametrize("layer, via", [(19, "callback"), (12, "layer_input")])
+def test_hidden_rows_come_back_in_batch_order_across_micro_batches(rt, layer, via):
+    """Random mixed batches over 3 sequences: every h_K row lands where its batch row was,
+    whether the eval callback or llama.cpp's layer-input copy reads it (checked against
+    the callback tap decoding each sequence alone)."""
     ps = prompts(rt)[:3]
-    ctx = LlamaContext(rt.model, n_ctx=3 * CTX, n_batch=16, n_seq=3, tap_layer=rt.manifest.split - 1)
+    ctx = LlamaContext(rt.model, n_ctx=3 * CTX, n_batch=16, n_seq=3, n_threads=1, tap_layer=layer,
+                       hidden_via=via)
+    assert (ctx.tap is None) == (via == "layer_input")
     refs = []
     for p in ps:
-        c = LlamaContext(rt.model, n_ctx=CTX, n_batch=CTX, tap_layer=rt.manifest.split - 1)
+        c = LlamaContext(rt.model, n_ctx=CTX, n_batch=CTX, n_threads=1, tap_layer=layer)
         refs.append(prefill(c, p, capture_hidden=True).hidden)
         c.close()
     rng = random.Random(7)
