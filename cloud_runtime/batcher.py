@@ -1,11 +1,14 @@
 """Cross-session batching: steps of different sessions that are ready together
 run as one `forward_ragged` pass.
 
-The loop (vLLM's step, in miniature): take the first waiting step, gather more
-for up to `window` seconds (stopping early once as many sessions are waiting
-as took part in the previous pass), run the pass in the model thread, hand
-each step its logits rows, repeat. While a pass runs, new steps queue up, so a
-busy server batches without waiting at all.
+The loop (vLLM's step, in miniature): take the first waiting step, gather
+more, run the pass in the model thread, hand each step its logits rows,
+repeat. While a pass runs, new steps queue up, so a busy server batches
+without waiting at all. Gathering stops as soon as every recently active
+session has a step in the batch (a lone session never waits), or when no new
+step arrived for `window` seconds (the gap between arrivals, not the total:
+steps of many sessions trickle in over a few ms after a pass answers them all),
+or after 20 windows in all.
 
 A step's `finish` callback runs in the model thread on that step's logits
 (sampling, verification), so torch never runs on the event loop.
@@ -60,7 +63,8 @@ class Batcher:
         self.executor = executor
         self._queue: asyncio.Queue[Step] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._last_batch = 0
+        self._recent: dict[int, float] = {}  # id(session) -> when it last submitted a step
+        self._pass_s = 0.0  # moving average of a pass's duration
         self._closed = False
         self.passes = 0
 
@@ -91,6 +95,7 @@ class Batcher:
             raise Overloaded(f"{self._queue.qsize()} steps are waiting for the model", retry_after=0.2)
         step.future = asyncio.get_running_loop().create_future()
         step.queued_at = time.perf_counter()
+        self._recent[id(step.session)] = step.queued_at
         self._queue.put_nowait(step)
         try:
             return await asyncio.shield(step.future)
@@ -101,14 +106,21 @@ class Batcher:
                 await asyncio.wait({step.future})
             raise
 
+    def _active_sessions(self, now: float) -> int:
+        """Sessions that submitted within the last few pass durations (they will again)."""
+        horizon = max(0.2, 4 * self._pass_s)
+        self._recent = {k: t for k, t in self._recent.items() if now - t <= horizon}
+        return max(1, len(self._recent))
+
     async def _gather(self) -> list[Step]:
         first = await self._queue.get()
         batch, tokens = [first], first.rows
-        target = max(self._last_batch, 1)
-        deadline = time.perf_counter() + self.window_s
+        now = time.perf_counter()
+        target = self._active_sessions(now)
+        hard_deadline = now + 20 * self.window_s
         while tokens < self.max_tokens:
             if self._queue.empty():
-                remaining = deadline - time.perf_counter()
+                remaining = min(self.window_s, hard_deadline - time.perf_counter())
                 if len(batch) >= target or remaining <= 0:
                     break
                 try:
@@ -131,7 +143,6 @@ class Batcher:
             batch = [s for s in batch if not s.future.done()]
             if not batch:
                 continue
-            self._last_batch = len(batch)
             now = time.perf_counter()
             for s in batch:
                 self.metrics.queue_wait_seconds.observe(now - s.queued_at)
@@ -179,6 +190,7 @@ class Batcher:
                 log.exception("finishing a step of session %s failed", s.session.sid)
                 results.append(InternalError(f"post-processing failed: {type(e).__name__}"))
         dt = time.perf_counter() - t0
+        self._pass_s = dt if self.passes == 0 else 0.8 * self._pass_s + 0.2 * dt
         self.passes += 1
         self.metrics.forward_seconds.observe(dt)
         self.metrics.batch_sessions.observe(len(batch))

@@ -206,6 +206,8 @@ class DeepModel(nn.Module):
         by exactly that stream. One compile per distinct weight shape (5 for a Llama),
         checked against F.linear; returns False (eager stays) when compiling fails.
         """
+        if self.device.type != "cpu":
+            return False  # on GPUs cuBLAS' gemv is already at memory speed
         try:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             fn = torch.compile(_gemv, dynamic=False, fullgraph=True)

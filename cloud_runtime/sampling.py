@@ -79,6 +79,8 @@ def judge(logits: Tensor, draft: tuple[int, ...], sampling: Sampling, start: int
         return Judgement(a, int(choice[a]))
     for i, d in enumerate(draft):
         p = target_probs(logits[i], sampling)
+        if d >= p.shape[0]:  # not even a token of this vocabulary: reject, sample from p
+            return Judgement(i, pick(logits[i], sampling, start + i + 1))
         q = torch.zeros_like(p)
         if draft_probs is not None:
             for tok, prob in draft_probs[i]:
@@ -86,10 +88,10 @@ def judge(logits: Tensor, draft: tuple[int, ...], sampling: Sampling, start: int
                     q[tok] = prob
         else:
             q[d] = 1.0
-        qd = float(q[d]) if d < q.shape[0] else 0.0
+        qd = float(q[d])
         g = _generator(sampling, start + i + 1)
         u = float(torch.rand((), generator=g)) if g is not None else float(torch.rand(()))
-        if d < p.shape[0] and qd > 0 and u < min(1.0, float(p[d]) / qd):
+        if qd > 0 and u < min(1.0, float(p[d]) / qd):
             continue
         residual = torch.clamp(p - q, min=0.0)
         residual = residual / residual.sum() if float(residual.sum()) > 0 else p

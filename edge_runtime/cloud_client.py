@@ -251,6 +251,8 @@ class CloudLink:
     async def append(self, session: str, start: int, hidden: np.ndarray, *, ack: bool = True) -> int:
         """Upload h_K of positions [start, start+len(hidden)). Returns the cloud's length (ack) or
         the expected one (ack=False: errors surface on this session's next request)."""
+        if len(hidden) == 0:
+            return start
         await self.connect()
         end = start
         for lo, rows in self._chunks(hidden):

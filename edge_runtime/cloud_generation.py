@@ -93,7 +93,11 @@ class CloudSession:
         self.resyncs += 1
         target = min(expected, max(self.n - 1, 0))  # keep at least one row to send
         if target < expected:
-            target = await self.link.truncate(self.sid, target)
+            try:
+                target = await self.link.truncate(self.sid, target)
+            except UnknownSession:
+                target = 0
+                self.replays += 1
         self.cloud_len = target
 
     async def infer(self, rows: np.ndarray, sampling: Sampling = GREEDY, top_n: int = 0) -> InferResult:

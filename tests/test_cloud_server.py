@@ -309,3 +309,33 @@ async def test_health_metrics_and_graceful_shutdown(aiohttp_server, demo_bundle,
         await asyncio.sleep(0.02)
     assert link.bye is not None and "shutting down" in link.bye.reason
     await link.close()
+
+
+def test_judge_rules_for_greedy_and_sampled_drafts():
+    """The verification rule on hand-made logits (no server): greedy prefix matching, and
+    speculative sampling's accept/resample with the edge's draft distribution."""
+    import torch
+
+    from cloud_runtime.sampling import judge
+    from fogline.wire import Sampling
+
+    logits = torch.full((3, 5), -10.0)
+    logits[0, 1] = logits[1, 2] = logits[2, 3] = 10.0  # the model wants 1, 2, then 3
+    j = judge(logits, (1, 2), Sampling(), 0)
+    assert (j.accepted, j.token) == (2, 3)
+    j = judge(logits, (1, 4), Sampling(), 0)
+    assert (j.accepted, j.token) == (1, 2)
+    j = judge(logits, (0, 2), Sampling(), 0)
+    assert (j.accepted, j.token) == (0, 1)
+    # sampled, q == p: every draft is accepted (u < p/q = 1)
+    s = Sampling(temperature=1.0, seed=3)
+    p = [torch.softmax(logits[i], -1) for i in range(3)]
+    probs = tuple(tuple((t, float(p[i][t])) for t in range(5)) for i in range(2))
+    assert judge(logits, (1, 2), s, 0, probs).accepted == 2
+    # sampled, the edge was sure of a token the model finds impossible: rejected, resampled from p - q
+    sure = (((0, 1.0),), ((0, 1.0),))
+    j = judge(logits, (0, 0), s, 0, sure)
+    assert j.accepted == 0 and j.token == 1
+    # out-of-vocabulary drafts are rejected, never crash
+    assert judge(logits, (99, 2), s, 0).accepted == 0
+    assert judge(logits, (1, 99), Sampling(), 0).accepted == 1
