@@ -90,6 +90,17 @@ class EdgeConfig:
     spec_gamma: int = 4
     # Seconds between RTT pings on the cloud link.
     cloud_ping_s: float = 2.0
+    # --- the auto mode and the device monitor
+    # auto: per-token latency target (ms/token) for requests that send no `fogline_slo_ms`.
+    slo_ms: float = 100.0
+    # auto: least expected agreement with the full model's tokens (0: meet the SLO at the least cloud cost).
+    min_quality: float = 0.9
+    # auto: the policy's seed (its choices are deterministic given the seed and the request sequence).
+    policy_seed: int = 0
+    # Seconds between device samples (temperature, memory, load, power) for /health, /metrics and auto.
+    device_sample_s: float = 5.0
+    # auto: a board at/above this temperature (degrees C), or throttling, is hot (fewer local tokens).
+    hot_c: float = 75.0
 
     def effective_threads(self) -> int:
         return self.threads or physical_cores()
@@ -98,9 +109,10 @@ class EdgeConfig:
         return self.model_name or f"fogline-edge-k{split}"
 
     def redacted(self) -> dict[str, Any]:
-        """The values worth logging at startup (the API key is not one of them)."""
+        """The values worth logging at startup (the API key and the cloud token are not among them)."""
         d = dataclasses.asdict(self)
         d["api_key"] = "***" if self.api_key else ""
+        d["cloud_token"] = "***" if self.cloud_token else ""
         d["threads"] = self.effective_threads()
         return d
 
@@ -167,6 +179,10 @@ def _validate(cfg: EdgeConfig) -> None:
     need(0.0 <= cfg.tau <= 1.0, "tau", "must be in 0..1")
     need(1 <= cfg.spec_gamma <= 32, "spec_gamma", "must be in 1..32")
     need(0.05 <= cfg.cloud_ping_s <= 3600, "cloud_ping_s", "must be in 0.05..3600")
+    need(0 < cfg.slo_ms <= 3_600_000, "slo_ms", "must be in (0, 3600000] ms/token")
+    need(0.0 <= cfg.min_quality <= 1.0, "min_quality", "must be in 0..1")
+    need(0.05 <= cfg.device_sample_s <= 3600, "device_sample_s", "must be in 0.05..3600")
+    need(0 < cfg.hot_c <= 150, "hot_c", "must be in (0, 150] degrees C")
     need(1024 <= cfg.max_body_bytes <= 1 << 30, "max_body_bytes", "must be in 1024..1073741824")
 
 

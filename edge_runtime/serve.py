@@ -24,6 +24,8 @@ _FLAGS: dict[str, str] = {
     "ctx_size": "ctx_size", "batch_size": "batch_size", "queue_size": "queue_size", "api_key": "api_key",
     "model_name": "model_name", "mode": "default_mode", "capture_hidden": "capture_hidden",
     "verify_bundle": "verify_bundle", "log_level": "log_level",
+    "cloud_url": "cloud_url", "cloud_token": "cloud_token", "cloud_codec": "cloud_codec",
+    "cloud_deadline_ms": "cloud_deadline_ms", "tau": "tau", "spec_gamma": "spec_gamma",
 }
 
 
@@ -45,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-bundle", action=argparse.BooleanOptionalAction, default=None,
                    help="re-hash the bundle's files against its manifest at startup (default on)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    g = p.add_argument_group("cloud (collab / spec / cloud modes)")
+    g.add_argument("--cloud-url", help="websocket URL of `fogline cloud serve`, e.g. ws://cloud:8700/ws (default: none)")
+    g.add_argument("--cloud-token", help="bearer token the cloud expects in the handshake")
+    g.add_argument("--cloud-codec", choices=("fp16", "int8", "fp32"), help="h_K wire codec (default fp16)")
+    g.add_argument("--cloud-deadline-ms", type=int,
+                   help="a cloud answer slower than this finishes the request in edge mode (default 5000; 0: none)")
+    g.add_argument("--tau", type=float,
+                   help="collab confidence threshold when neither the request nor the bundle gives one (default 0.9)")
+    g.add_argument("--spec-gamma", type=int, help="spec mode: initial draft block length (default 4)")
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:

@@ -90,6 +90,31 @@ def test_flags_map_onto_fields(bundle_dir, monkeypatch):
     assert (cfg.parallel, cfg.default_mode, cfg.verify_bundle, cfg.ctx_size, cfg.threads) == (2, "collab", False, 512, 3)
 
 
+def test_cloud_flags_win_over_env_and_toml(bundle_dir, tmp_path, monkeypatch):
+    import argparse
+
+    toml = tmp_path / "edge.toml"
+    toml.write_text('cloud_url = "ws://toml:1/ws"\ntau = 0.5\nspec_gamma = 2\ncloud_codec = "int8"\n')
+    monkeypatch.setenv("FOGLINE_EDGE_CLOUD_URL", "ws://env:2/ws")
+    monkeypatch.setenv("FOGLINE_EDGE_CLOUD_DEADLINE_MS", "777")
+    monkeypatch.setenv("FOGLINE_EDGE_SPEC_GAMMA", "3")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--config", str(toml)]))
+    assert (cfg.cloud_url, cfg.cloud_deadline_ms, cfg.spec_gamma, cfg.tau, cfg.cloud_codec) == \
+        ("ws://env:2/ws", 777, 3, 0.5, "int8")
+    cfg = config_from_args(p.parse_args([
+        "--bundle", str(bundle_dir), "--config", str(toml), "--cloud-url", "wss://flag:3/ws", "--cloud-token", "t0k",
+        "--cloud-codec", "fp32", "--cloud-deadline-ms", "0", "--tau", "0.25", "--spec-gamma", "6"]))
+    assert (cfg.cloud_url, cfg.cloud_token, cfg.cloud_codec, cfg.cloud_deadline_ms, cfg.tau, cfg.spec_gamma) == \
+        ("wss://flag:3/ws", "t0k", "fp32", 0, 0.25, 6)
+    assert cfg.redacted()["cloud_token"] != "t0k"
+    with pytest.raises(ConfigError, match="^tau:"):
+        config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--tau", "1.5"]))
+    with pytest.raises(ConfigError, match="^spec_gamma:"):
+        config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--spec-gamma", "0"]))
+
+
 def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fogline.cli", "edge", "serve", "--port", "0", *args],
                           capture_output=True, text=True, env=env, timeout=120)
