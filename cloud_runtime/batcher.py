@@ -177,7 +177,8 @@ class Batcher:
             elif s.logit_rows == "all":
                 rows.extend(range(off, off + s.rows))
             off += s.rows
-        logits = self.model.logits(normed[rows]) if rows else None
+        # to the CPU once per pass: sampling and verification are tiny and use CPU generators
+        logits = self.model.logits(normed[rows]).cpu() if rows else None
         results: list[Any] = []
         i = 0
         for s in batch:

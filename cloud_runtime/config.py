@@ -12,13 +12,14 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fogline.errors import ConfigError
 
 ENV_PREFIX = "FOGLINE_CLOUD_"
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class CloudConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        if self.dtype in DTYPE_ALIASES:
+            object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {self.dtype!r} must be float32, bfloat16 or float16")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -134,7 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--device", help="cpu or cuda[:n]")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--token", help="bearer token edges must present (prefer FOGLINE_CLOUD_TOKEN)")
     p.add_argument("--kv-budget-bytes", type=int, dest="kv_budget_bytes")

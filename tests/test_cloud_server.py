@@ -60,11 +60,12 @@ def rows(n: int, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((n, D)) * 2.0).astype(np.float32)
 
 
-async def start(aiohttp_server, demo_bundle, **kw):
+async def start(aiohttp_server, demo_bundle, port: int | None = None, **kw):
     from cloud_runtime.config import CloudConfig
     from cloud_runtime.server import create_app
 
-    return await aiohttp_server(create_app(CloudConfig(bundle=demo_bundle / "cloud", **kw)), host="127.0.0.1")
+    return await aiohttp_server(create_app(CloudConfig(bundle=demo_bundle / "cloud", **kw)), host="127.0.0.1",
+                                port=port)
 
 
 def link_for(server, manifest, **kw):
@@ -339,3 +340,47 @@ def test_judge_rules_for_greedy_and_sampled_drafts():
     # out-of-vocabulary drafts are rejected, never crash
     assert judge(logits, (99, 2), s, 0).accepted == 0
     assert judge(logits, (1, 99), Sampling(), 0).accepted == 1
+
+
+async def test_edge_replays_after_the_cloud_restarts(aiohttp_server, demo_bundle, manifest, direct):
+    """The cloud goes away (graceful shutdown) and comes back empty on the same port: the edge's
+    CloudSession reconnects, gets unknown_session, replays its history, and the token is right."""
+    from edge_runtime.cloud_generation import CloudSession
+
+    first = await start(aiohttp_server, demo_bundle)
+    port = first.port
+    link = link_for(first, manifest)
+    cs = CloudSession(link, backoff_s=0.05)
+    h = rows(8, 21)
+    want = direct_logits(direct, h).argmax(-1).tolist()
+    assert (await cs.infer(h[:5])).token == want[4]
+    await first.close()
+    await start(aiohttp_server, demo_bundle, port=port)
+    r = await cs.infer(h[5:6])
+    assert (r.token, r.length) == (want[5], 6) and cs.replays == 1
+    await link.close()
+
+
+def test_config_precedence_and_validation(tmp_path):
+    from cloud_runtime.config import load_config
+    from fogline.errors import ConfigError
+
+    toml = tmp_path / "cloud.toml"
+    toml.write_text('[cloud]\nbundle = "/srv/b/cloud"\nport = 9000\nbatch_window_ms = 5\ndtype = "bf16"\n')
+    env = {"FOGLINE_CLOUD_PORT": "9100", "FOGLINE_CLOUD_FAST_GEMV": "yes", "FOGLINE_CLOUD_CODECS": "fp16, int8"}
+    c = load_config(toml, env=env)
+    assert (c.port, c.batch_window_ms, c.dtype, c.fast_gemv, c.codecs) == (9100, 5.0, "bfloat16", True,
+                                                                          ("fp16", "int8"))
+    assert load_config(toml, env=env, overrides={"port": 9200}).port == 9200
+    for bad_env, bad_over, match in (({"FOGLINE_CLOUD_PORT": "eighty"}, {}, "port"),
+                                     ({}, {"dtype": "int4"}, "dtype"),
+                                     ({}, {"codecs": ("fp8",)}, "codecs"),
+                                     ({}, {"kv_budget_bytes": 0}, "kv_budget_bytes"),
+                                     ({}, {"nonsense": 1}, "nonsense")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(toml, env=bad_env, overrides=bad_over)
+    toml.write_text('bundle = "/b"\nbatch_windw_ms = 1\n')
+    with pytest.raises(ConfigError, match="batch_windw_ms"):
+        load_config(toml, env={})
+    with pytest.raises(ConfigError, match="no bundle"):
+        load_config(None, env={})
