@@ -2,7 +2,10 @@
 
   (a) plain llama-cpp-python (`llama_cpp.Llama.generate`, greedy, its C sampler)
   (b) the fogline engine in-process (continuous batching engine, greedy)
-  (b') the same with h_K capture on (what a cloud-paired edge pays)
+  (b') the same with h_K capture on (what a cloud-paired edge pays) through the eval
+       callback, which a GGUF whose last block is K-1 needs (this demo bundle)
+  (b'') capture through llama.cpp's layer-input copy, which a GGUF with an exit adapter
+       gets (measured one block lower on this bundle)
   (c) fogline over HTTP (`fogline edge serve` subprocess, SSE streaming /v1/completions)
 
 Prompt tokens/s is prompt length / time to first token; decode tokens/s is
@@ -257,6 +260,19 @@ def main() -> int:
             pass
 
     rt_cap.engine.register_source("collab", EdgeDecides())
+    # (b''): how capture costs once the GGUF has a block after K-1 (an exit adapter): here the
+    # tap sits one block lower so that llama.cpp's layer-input copy can serve it
+    from edge_runtime.engine import Engine
+    from edge_runtime.llama_backend import LlamaContext
+
+    nat_ctx = LlamaContext(rt.model, n_ctx=ctx_size, n_batch=512, n_seq=1, n_threads=args.threads,
+                           tap_layer=rt.manifest.split - 2, hidden_via="layer_input")
+    rt_nat = Engine(rt.model, nat_ctx, parallel=1, ctx_size=ctx_size, batch_size=512, queue_size=4)
+    rt_nat.register_source("collab", EdgeDecides())
+    rt_nat.start()
+
+    class _Rt:  # what bench_engine needs of a runtime
+        engine = rt_nat
     daemon = None if args.skip_http else Daemon(args.bundle, args.threads, parallel, ctx_size)
     try:
         # warm-up: page the weights in, build the graphs
@@ -264,15 +280,17 @@ def main() -> int:
         bench_plain(llm, p, 8)
         bench_engine(rt, p, 8)
         bench_engine(rt_cap, p, 8, capture=True)
+        bench_engine(_Rt, p, 8, capture=True)
         if daemon:
             bench_http(daemon, p, 8)
-        single: dict[str, list[Run]] = {"a": [], "b": [], "b'": [], "c": []}
+        single: dict[str, list[Run]] = {"a": [], "b": [], "b'": [], "b''": [], "c": []}
         agg: dict[tuple[str, int], list[float]] = {}
         for r in range(args.repeats):
             p = prompt_for(rt.model, args.prompt_tokens, r + 1)
             single["a"].append(bench_plain(llm, p, args.gen_tokens))
             single["b"].append(bench_engine(rt, p, args.gen_tokens))
             single["b'"].append(bench_engine(rt_cap, p, args.gen_tokens, capture=True))
+            single["b''"].append(bench_engine(_Rt, p, args.gen_tokens, capture=True))
             if daemon:
                 single["c"].append(bench_http(daemon, p, args.gen_tokens))
             for n in streams:
@@ -288,19 +306,21 @@ def main() -> int:
             daemon.stop()
         rt.close()
         rt_cap.close()
+        rt_nat.stop()
+        nat_ctx.close()
 
-    names = {"a": "(a) llama-cpp-python Llama", "b": "(b) fogline engine", "b'": "(b') engine + h_K capture",
-             "c": "(c) fogline over HTTP"}
+    names = {"a": "(a) llama-cpp-python Llama", "b": "(b) fogline engine", "b'": "(b') + h_K capture, callback",
+             "b''": "(b'') + h_K capture, layer-input", "c": "(c) fogline over HTTP"}
     a_dec = med([x.decode_tps for x in single["a"]])
     a_pro = med([x.prompt_tps for x in single["a"]])
     print()
-    print(f"{'single stream (median of ' + str(args.repeats) + ')':<32}{'decode tok/s':>14}{'vs (a)':>8}"
+    print(f"{'single stream (median of ' + str(args.repeats) + ')':<34}{'decode tok/s':>14}{'vs (a)':>8}"
           f"{'prompt tok/s':>15}{'vs (a)':>8}")
     for k, runs in single.items():
         if not runs:
             continue
         d, pr = med([x.decode_tps for x in runs]), med([x.prompt_tps for x in runs])
-        print(f"{names[k]:<32}{d:>14.1f}{d / a_dec:>8.2f}{pr:>15.1f}{pr / a_pro:>8.2f}")
+        print(f"{names[k]:<34}{d:>14.1f}{d / a_dec:>8.2f}{pr:>15.1f}{pr / a_pro:>8.2f}")
     print()
     print(f"{'concurrent streams':<26}" + "".join(f"{n:>10}" for n in streams))
     labels = {"raw": "raw llama_decode", "engine": "(b) engine", "http": "(c) HTTP"}
