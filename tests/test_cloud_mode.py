@@ -212,3 +212,32 @@ def test_hidden_codecs_round_trip_on_real_h_k(f32_bundle, prompts):
     assert errs["fp32/64"] == 0.0
     assert errs["fp16/64"] < 1e-3
     assert errs["int8/32"] <= errs["int8/64"] < 2e-2
+
+
+async def test_full_model_endpoint_streams_the_full_model(aiohttp_client, demo_source, prompts, reference):
+    """The `cloud-only` baseline (cloud_runtime/full_model.py): all layers at the cloud, token ids
+    up, tokens streamed down over a websocket; greedy output is the HF full model's."""
+    import json
+
+    from cloud_runtime.deep_model import load_deep_model
+    from cloud_runtime.full_model import create_app
+
+    client = await aiohttp_client(create_app(load_deep_model(demo_source.spec, 0, demo_source.state), "demo"))
+    ws = await client.ws_connect("/v1/generate")
+    identical = 0
+    for ids, (ref_toks, gaps) in zip(prompts[:3], reference[:3]):
+        await ws.send_str(json.dumps({"prompt": ids, "max_tokens": N_NEW}))
+        toks = []
+        while "done" not in (msg := json.loads((await ws.receive()).data)):
+            assert "error" not in msg, msg
+            toks.append(msg["token"])
+        assert msg["tokens"] == len(toks) == N_NEW and msg["prompt_tokens"] == len(ids)
+        first = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
+        identical += first is None
+        assert first is None or gaps[first] < TIE_GAP, f"diverged at {first} (gap {gaps[first]:.4f})"
+    assert identical >= 2
+    await ws.send_str(json.dumps({"prompt": [], "max_tokens": 4}))
+    assert "error" in json.loads((await ws.receive()).data)
+    r = await client.get("/metrics")
+    assert "fogline_full_requests_total 3" in await r.text()
+    await ws.close()
