@@ -85,6 +85,8 @@ class CloudBridge:
         self.tau, self.spec_gamma, self.ping_s = tau, spec_gamma, ping_s
         self.on_fallback = on_fallback
         self.rtt_s: float | None = None  # EMA of ping round trips
+        # spec verdicts, discounted: accepted drafts and verdicts that rejected one (auto's acceptance)
+        self._accepted = self._rejected = 0.0
         self.last_error: str | None = None
         self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +94,17 @@ class CloudBridge:
     @property
     def connected(self) -> bool:
         return self.link.connected
+
+    def observe_verdict(self, accepted: int, drafted: int) -> None:
+        """A spec verdict: `accepted` of `drafted` drafts (drafts after a rejection are never judged)."""
+        self._accepted = 0.98 * self._accepted + accepted
+        self._rejected = 0.98 * self._rejected + (1 if accepted < drafted else 0)
+
+    @property
+    def acceptance(self) -> float | None:
+        """Per-token acceptance of the edge's drafts, accepted / (accepted + rejections); None before any."""
+        n = self._accepted + self._rejected
+        return self._accepted / n if n > 0 else None
 
     def state(self) -> dict[str, Any]:
         return {"configured": True, "connected": self.connected, "url": self.link.url,
@@ -191,7 +204,7 @@ class _CloudSource:
             st = self._reqs.get(rid)
             if st is None:
                 st = self._reqs[rid] = _Req(CloudSession(self.bridge.link, max_retries=8, backoff_s=0.2),
-                                            gamma=self.bridge.spec_gamma)
+                                            gamma=step.request.gamma or self.bridge.spec_gamma)
         return st
 
     def release(self, request: GenerationRequest) -> None:
@@ -376,7 +389,7 @@ class SpecSource(_CloudSource):
         up = rows.shape[0] * rows.shape[1] * 2 + 8 * len(draft) + 64
         gamma_max = max(2 * self.bridge.spec_gamma,
                         math.ceil((self.bridge.rtt_s or 0.0) / st.t_draft) if st.t_draft > 0 else 0)
-        gamma_max = min(gamma_max, 32)
+        gamma_max = min(gamma_max, 32) if step.request.gamma is None else step.request.gamma  # auto's spec@γ: a cap
 
         async def run() -> None:
             async with st.lock:
@@ -392,6 +405,10 @@ class SpecSource(_CloudSource):
             stats.cloud_round_trips += 1
             stats.bytes_up += up
             stats.bytes_down += 48
+            stats.drafted += len(draft)
+            stats.accepted += res.accepted
+            stats.rejections += int(res.accepted < len(draft))
+            self.bridge.observe_verdict(res.accepted, len(draft))
 
             def applied() -> None:  # engine thread, after the engine applied the verdict
                 st.inflight = False

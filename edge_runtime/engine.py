@@ -54,6 +54,7 @@ class GenerationRequest:
     mode: str = "edge"  # requested mode: edge|collab|spec|cloud|auto
     capture_hidden: bool = False  # keep h_K of every position (needs an engine with a tap)
     tau: float | None = None  # collab threshold asked by the request (None: the source's default)
+    gamma: int | None = None  # spec draft length for this request (auto's spec@γ; None: the source's default)
 
 
 @dataclass
@@ -67,11 +68,20 @@ class FoglineStats:
     cloud_round_trips: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    # spec: drafts sent for verification, of those accepted, and verdicts that rejected one
+    # (the auto policy learns acceptance from these; not part of the response)
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0
+    auto: dict[str, object] | None = None  # the auto policy's decision, when the request asked for `auto`
 
     def as_dict(self) -> dict[str, object]:
-        return {"mode": self.mode, "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
-                "fallback": self.fallback, "cloud_round_trips": self.cloud_round_trips,
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        d: dict[str, object] = {"mode": self.mode, "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
+                                "fallback": self.fallback, "cloud_round_trips": self.cloud_round_trips,
+                                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        if self.auto is not None:
+            d["auto"] = self.auto
+        return d
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class ApiRequest:
     include_usage: bool = False
     mode: str = "edge"
     tau: float | None = None  # fogline_tau: collab confidence threshold for this request
+    slo_ms: float | None = None  # fogline_slo_ms: auto's per-token latency target (None: config slo_ms)
     messages: list[dict[str, Any]] | None = None  # chat
     prompt_text: str | None = None  # completions, text prompt
     prompt_tokens: list[int] | None = None  # completions, token prompt
@@ -168,8 +169,10 @@ def _common(body: Any, kind: Kind, n_vocab: int, default_mode: str) -> tuple[dic
         ignore_eos=_get_bool(body, "ignore_eos"))
     tau: float | None = _get_number(body, "fogline_tau", -1.0, 0.0, 1.0)
     tau = None if tau is None or tau < 0 else tau
+    slo: float | None = _get_number(body, "fogline_slo_ms", -1.0, 0.001, 3_600_000.0)
+    slo = None if slo is None or slo < 0 else slo
     return body, dict(kind=kind, model=model, params=params, stream=stream, include_usage=include_usage, mode=mode,
-                      tau=tau)
+                      tau=tau, slo_ms=slo)
 
 
 def parse_chat(body: Any, *, n_vocab: int, default_mode: str) -> ApiRequest:

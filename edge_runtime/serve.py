@@ -78,8 +78,10 @@ async def _serve(cfg: EdgeConfig) -> int:
     from aiohttp import web
 
     from edge_runtime.server import RUNTIME, create_app
+    from fogline import sd_notify
 
     app = create_app(cfg)
+    watchdog = None
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
@@ -97,9 +99,21 @@ async def _serve(cfg: EdgeConfig) -> int:
         await slot.done
         if slot.error is not None:
             log.error("exiting: %s", slot.error)
+            sd_notify.status(f"model failed to load: {slot.error}")
             return 2
+        rt = slot.runtime
+        assert rt is not None
+        # systemd (Type=notify): started once the model is loaded; the watchdog is fed while the
+        # engine is alive and, when it has work, makes steps (a wedged llama.cpp decode stops it)
+        sd_notify.ready(f"serving {rt.model_name} on {cfg.host}:{cfg.port}")
+        progress = sd_notify.ProgressWatch(progress=lambda: rt.engine.steps,
+                                           busy=lambda: rt.engine.n_running + rt.engine.n_waiting > 0)
+        watchdog = sd_notify.start_watchdog(lambda: rt.engine.dead is None and progress())
         await stop.wait()
         log.info("shutting down")
         return 0
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        sd_notify.stopping("shutting down")
         await runner.cleanup()

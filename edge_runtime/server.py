@@ -23,7 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
+from edge_runtime.auto_mode import AutoMode
 from edge_runtime.config import EdgeConfig
+from edge_runtime.device_monitor import DeviceMonitor, register_device_metrics
 from edge_runtime.engine import GenerationRequest, StreamEvent
 from edge_runtime.errors import ApiError, ErrorKind, as_api_error, error_body, http_status, invalid
 from edge_runtime.loader import EdgeRuntime, load_runtime
@@ -50,6 +52,8 @@ class RuntimeSlot:
 CONFIG = web.AppKey("config", EdgeConfig)
 RUNTIME = web.AppKey("runtime", RuntimeSlot)
 METRICS = web.AppKey("metrics", EdgeMetrics)
+DEVICE = web.AppKey("device", DeviceMonitor)
+AUTO = web.AppKey("auto", AutoMode)
 
 
 def create_app(config: EdgeConfig, *, loader: Loader = load_runtime) -> web.Application:
@@ -58,6 +62,10 @@ def create_app(config: EdgeConfig, *, loader: Loader = load_runtime) -> web.Appl
     app[CONFIG] = config
     app[RUNTIME] = RuntimeSlot(started=time.time())
     app[METRICS] = EdgeMetrics()
+    app[DEVICE] = DeviceMonitor("/", hot_c=config.hot_c)
+    register_device_metrics(app[METRICS].registry, app[DEVICE])
+    app[AUTO] = AutoMode(config, app[DEVICE])
+    app.cleanup_ctx.append(_device_ctx)
     app.cleanup_ctx.append(_runtime_ctx(loader))
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
     app.router.add_post("/v1/completions", completions, name="completions")
@@ -83,6 +91,7 @@ def _runtime_ctx(loader: Loader) -> Callable[[web.Application], AsyncIterator[No
                 slot.runtime = rt
                 if cfg.cloud_url:
                     slot.bridge = _start_bridge(cfg, rt, m, loop)
+                app[AUTO].seed(rt.manifest.calibration, slot.bridge)
                 m.watch(lambda: rt.engine.n_waiting, lambda: rt.engine.n_running)
                 m.ready.set(1)
                 log.info("ready: serving %r", rt.model_name)
@@ -100,6 +109,22 @@ def _runtime_ctx(loader: Loader) -> Callable[[web.Application], AsyncIterator[No
             slot.runtime = None
 
     return runtime_ctx
+
+
+async def _device_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Sample the board now (so /health has it from the start), then every device_sample_s."""
+    mon = app[DEVICE]
+    try:
+        await asyncio.to_thread(mon.sample)
+    except Exception:  # a monitor must never keep the daemon from starting
+        log.exception("device sample failed")
+    task = asyncio.create_task(mon.run(app[CONFIG].device_sample_s), name="fogline-device-monitor")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def _start_bridge(cfg: EdgeConfig, rt: EdgeRuntime, m: EdgeMetrics, loop: asyncio.AbstractEventLoop) -> Any:
@@ -238,10 +263,15 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     prompt, echo_text = _prompt_tokens(rt, api)
     rid = uuid.uuid4().hex
     events = _EventQueue(asyncio.get_running_loop())
-    capture = api.mode in ("collab", "spec", "cloud") and request.app[RUNTIME].bridge is not None
-    rt.engine.submit(GenerationRequest(rid, prompt, api.params, api.mode, capture_hidden=capture, tau=api.tau),
-                     events.emit)
     m = request.app[METRICS]
+    timing = _Timing(m, t0, request.app[AUTO])
+    mode, tau, gamma = api.mode, api.tau, None
+    if mode == "auto":  # the policy picks the arm; the request then runs as that mode
+        timing.decision = request.app[AUTO].choose(api.slo_ms)
+        mode, tau, gamma = AutoMode.plan(timing.decision)
+    capture = mode in ("collab", "spec", "cloud") and request.app[RUNTIME].bridge is not None
+    rt.engine.submit(GenerationRequest(rid, prompt, api.params, mode, capture_hidden=capture, tau=tau, gamma=gamma),
+                     events.emit)
     m.prompt_tokens.inc(len(prompt))
     builder = ResponseBuilder(kind=api.kind, model=rt.model_name, piece=rt.model.token_bytes,
                               fingerprint=f"fogline-{rt.manifest.fingerprint[:12]}-k{rt.manifest.split}",
@@ -249,9 +279,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     finished = False
     try:
         if api.stream:
-            resp = await _stream(request, rt, api, builder, events, _Timing(m, t0))
+            resp = await _stream(request, rt, api, builder, events, timing)
         else:
-            resp = await _collect(rt, api, builder, events, _Timing(m, t0), echo_text)
+            resp = await _collect(rt, api, builder, events, timing, echo_text)
         finished = True
         return resp
     finally:
@@ -293,17 +323,22 @@ class _EventQueue:
 
 
 class _Timing:
-    """Feeds one request's latencies and token counts into the metrics."""
+    """Feeds one request's latencies and token counts into the metrics, and the auto policy."""
 
-    def __init__(self, m: EdgeMetrics, t0: float) -> None:
-        self.m, self.t0, self.last = m, t0, None
+    def __init__(self, m: EdgeMetrics, t0: float, auto: AutoMode | None = None) -> None:
+        self.m, self.t0, self.last, self.first = m, t0, None, None
+        self.auto = auto
+        self.decision: Any = None  # the auto policy's Decision when the request asked for `auto`
+        self.n = 0
 
     def token(self, ev: StreamEvent) -> None:
         if self.last is None:
             self.m.ttft.observe(ev.at - self.t0)
+            self.first = ev.at
         else:
             self.m.itl.observe(ev.at - self.last)
         self.last = ev.at
+        self.n += 1
         if ev.choice is not None:
             self.m.tokens.labels(ev.choice.origin).inc()
 
@@ -312,6 +347,17 @@ class _Timing:
         self.m.finished.labels(ev.finish_reason or "unknown").inc()
         if ev.stats is not None and ev.stats.fallback is not None:
             self.m.fallbacks.labels(requested_mode).inc()
+        if self.auto is None or ev.stats is None:
+            return
+        decode_s = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
+        if ev.stats.mode == "edge" and ev.stats.fallback is None:
+            self.auto.observe_edge_speed(self.n, decode_s)
+        if self.decision is not None:
+            ev.stats.auto = self.decision.to_fogline()
+            try:
+                self.auto.finish(self.decision, ev.stats, self.n, decode_s)
+            except Exception:  # learning must never fail a response
+                log.exception("auto policy update failed")
 
 
 async def _collect(rt: EdgeRuntime, api: ApiRequest, builder: ResponseBuilder, events: _EventQueue,
@@ -386,6 +432,8 @@ async def health(request: web.Request) -> web.Response:
                             "cloud": {"configured": False, "connected": False}}
     if slot.bridge is not None:
         body["cloud"] = slot.bridge.state()
+    snap = request.app[DEVICE].latest
+    body["device"] = None if snap is None else snap.to_health(cfg.hot_c)
     status = 503
     if slot.error is not None:
         body.update(status="error", error=slot.error)

@@ -76,6 +76,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # never block the daemon's event loop on a reader that does not drain its socket
+                self._sock.setblocking(False)
             self._sock.sendto(payload, self.address)
             return True
         except OSError as e:  # systemd gone, socket removed, buffer full: report, carry on

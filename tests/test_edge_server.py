@@ -60,7 +60,8 @@ def _metrics(server: EdgeServer) -> dict[tuple[str, tuple], float]:
 
 def _fogline(obj) -> dict:
     f = obj.model_extra.get("fogline") if hasattr(obj, "model_extra") else obj["fogline"]
-    assert set(f) == {"mode", "edge_tokens", "cloud_tokens", "fallback", "cloud_round_trips", "bytes_up", "bytes_down"}
+    keys = {"mode", "edge_tokens", "cloud_tokens", "fallback", "cloud_round_trips", "bytes_up", "bytes_down"}
+    assert set(f) == keys or set(f) == keys | {"auto"}
     return f
 
 
@@ -194,7 +195,10 @@ def test_modes_needing_a_cloud_fall_back_to_edge(client, model):
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
                                            temperature=0, extra_body={"mode": mode})
         f = _fogline(r)
-        assert f["mode"] == "edge" and f["fallback"] == "no cloud configured"
+        if mode == "auto":  # the policy sees no cloud and chooses edge: a choice, not a fallback
+            assert f["mode"] == "edge" and f["fallback"] is None and f["auto"]["arm"] == "edge"
+        else:
+            assert f["mode"] == "edge" and f["fallback"] == "no cloud configured" and "auto" not in f
         assert f["cloud_tokens"] == 0 and f["cloud_round_trips"] == 0 and f["edge_tokens"] == r.usage.completion_tokens
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
                                        extra_body={"mode": "edge"})
