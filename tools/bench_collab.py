@@ -5,15 +5,27 @@
 One invocation: a real `fogline cloud serve` subprocess, a WanEmulator (tools/wanem.py) in
 front of it, and a real `fogline edge serve` whose cloud link goes through the emulator; for
 each RTT and mode the same prompts are sent (greedy, ignore_eos) with the openai client,
-streaming. Columns: wall time per request, TTFT, mean inter-token latency, % edge tokens,
+streaming. Columns (medians over prompts / over token gaps): wall time per request, TTFT,
+inter-token latency, % edge tokens,
 cloud deep-layer token-passes per generated token (cloud `fogline_cloud_positions_total`),
 cloud process CPU-seconds per generated token (psutil on the cloud pid), bytes on the wire
 per generated token (counted by the emulator, both directions), cloud round trips per
 generated token (as the edge reports them), agreement with `cloud` mode (= the full model,
 tests/test_collab_modes.py). Printed as one table per RTT, plus JSON (--json PATH).
 
-Not measured yet: `cloud-only` (whole model at the cloud, text up) and `naive split`
-(fp32, whole context re-sent every token) need a cloud-side path that does not exist yet.
+Two baselines run outside the edge daemon, through their own WanEmulator with the same shape:
+
+* `cloud-only` — the whole model at the cloud (cloud_runtime/full_model.py, a subprocess built
+  from the demo source weights): the bench tokenises the chat prompt (the cloud bundle's
+  tokenizer + chat template), sends the ids over a websocket and receives the tokens streamed
+  down. Deep passes/tok counts token-passes through ALL L layers (L/(L-K) deep-layer passes
+  each would be the like-for-like cost; the column says what the cloud process ran).
+* `naive split` — every token escalated, fp32 h_K, whole context re-sent: the bench runs the
+  edge layers [0, K) itself (llama.cpp, the edge bundle, 1 thread), and for every token opens
+  a fresh cloud session and sends h_K of the whole context so far (codec fp32) in one `infer`;
+  the session is closed without waiting for the ack. One round trip per token.
+
+Both decode greedily to `--tokens` tokens, ignoring EOS, like the daemon modes.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
            "Explain photosynthesis to a child.", "List three uses of a paperclip.", "Tell me a joke about computers."]
 MODES = ("edge", "collab", "spec", "cloud")
+BASELINES = ("cloud-only", "naive split")
 
 
 def _port() -> int:
@@ -60,6 +74,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--tau", type=float, default=None, help="collab τ (default: the bundle's calibrated one)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--source", default="demo", help="the bundle's source model, for the cloud-only baseline")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import psutil
@@ -82,6 +97,27 @@ def main() -> int:
         except OSError:
             time.sleep(0.2)
     cproc = psutil.Process(cloud.pid)
+    fport = _port()
+    flog = open("/tmp/bench_collab_full.log", "wb")
+    full = subprocess.Popen([sys.executable, "-m", "cloud_runtime.full_model", "--source", args.source,
+                             "--port", str(fport), "--threads", "1"], stdout=flog, stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO)
+    for _ in range(900):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{fport}/health", timeout=1)
+            break
+        except OSError:
+            if full.poll() is not None:
+                raise SystemExit("the full-model server died; see /tmp/bench_collab_full.log")
+            time.sleep(0.2)
+    fproc = psutil.Process(full.pid)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundle / "cloud")
+    prompt_ids = [list(tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True), add_special_tokens=False).input_ids)
+                  for p in PROMPTS[:args.prompts]]
+    naive = _NaiveSplit(bundle)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -133,13 +169,26 @@ def main() -> int:
                         texts[mode].append(text)
                     gen = max(gen, 1)
                     per[mode] = {
-                        "wall_s": sum(walls) / len(walls), "ttft_s": sum(ttfts) / max(len(ttfts), 1),
-                        "itl_ms": 1000 * sum(itls) / max(len(itls), 1), "edge_pct": 100.0 * edge_t / gen,
+                        "wall_s": _median(walls), "ttft_s": _median(ttfts),
+                        "itl_ms": 1000 * _median(itls), "edge_pct": 100.0 * edge_t / gen,
                         "cloud_passes_per_tok": (_metric(cport, "fogline_cloud_positions_total") - p0) / gen,
                         "cloud_cpu_s_per_tok": (sum(cproc.cpu_times()[:2]) - cpu0) / gen,
                         "wire_bytes_per_tok": (wan.stats.bytes_up + wan.stats.bytes_down - b0) / gen,
                         "round_trips_per_tok": rts / gen}
-                for mode in MODES:  # agreement with cloud mode (identical to the full model)
+                # the two baselines, each through its own emulated link of the same shape
+                fwan = asyncio.run_coroutine_threadsafe(
+                    WanEmulator(("127.0.0.1", fport), LinkShape(delay_ms=rtt / 2, mbit=args.mbit)).start(),
+                    loop).result()
+                try:
+                    per["cloud-only"], texts["cloud-only"] = _run_baseline(
+                        lambda ids: _cloud_only(f"ws://127.0.0.1:{fwan.port}/v1/generate", ids, args.tokens),
+                        loop, prompt_ids, tok, fwan, fproc, lambda: _metric(fport, "fogline_full_positions_total"))
+                finally:
+                    asyncio.run_coroutine_threadsafe(fwan.close(), loop).result()
+                per["naive split"], texts["naive split"] = _run_baseline(
+                    lambda ids: naive.run(f"ws://127.0.0.1:{wan.port}/ws", ids, args.tokens),
+                    loop, prompt_ids, tok, wan, cproc, lambda: _metric(cport, "fogline_cloud_positions_total"))
+                for mode in (*MODES, *BASELINES):  # agreement with cloud mode (identical to the full model)
                     same = sum(_prefix_agree(a, b) for a, b in zip(texts[mode], texts["cloud"]))
                     per[mode]["agreement"] = same / max(len(texts["cloud"]), 1)
             finally:
@@ -147,12 +196,104 @@ def main() -> int:
                 asyncio.run_coroutine_threadsafe(wan.close(), loop).result()
             _print_table(rtt, args.mbit, per)
     finally:
-        cloud.terminate()
-        cloud.wait()
+        naive.close(loop)
+        for p in (cloud, full):
+            p.terminate()
+            p.wait()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(json.dumps(results))
     return 0
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _run_baseline(run, loop, prompt_ids, tok, wan, proc, positions):
+    """Send each prompt through `run(ids) -> (token ids, stamps, t0, round trips)` on the loop."""
+    walls, ttfts, itls, texts, gen, rts = [], [], [], [], 0, 0
+    b0 = wan.stats.bytes_up + wan.stats.bytes_down
+    p0, cpu0 = positions(), sum(proc.cpu_times()[:2])
+    for ids in prompt_ids:
+        toks, stamps, t0, rt = asyncio.run_coroutine_threadsafe(run(ids), loop).result()
+        walls.append(stamps[-1] - t0)
+        ttfts.append(stamps[0] - t0)
+        itls += [b - a for a, b in zip(stamps, stamps[1:])]
+        gen += len(toks)
+        rts += rt
+        texts.append(tok.decode(toks, skip_special_tokens=True))
+    gen = max(gen, 1)
+    return {"wall_s": _median(walls), "ttft_s": _median(ttfts), "itl_ms": 1000 * _median(itls), "edge_pct": 0.0,
+            "cloud_passes_per_tok": (positions() - p0) / gen,
+            "cloud_cpu_s_per_tok": (sum(proc.cpu_times()[:2]) - cpu0) / gen,
+            "wire_bytes_per_tok": (wan.stats.bytes_up + wan.stats.bytes_down - b0) / gen,
+            "round_trips_per_tok": rts / gen}, texts
+
+
+async def _cloud_only(url: str, ids: list[int], n: int):
+    """Text (token ids) up, tokens streamed down; the websocket is opened per request (counted)."""
+    import aiohttp
+
+    t0 = time.monotonic()
+    toks, stamps = [], []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, compress=0) as ws:
+        await ws.send_str(json.dumps({"prompt": ids, "max_tokens": n}))
+        while True:
+            msg = json.loads((await ws.receive()).data)
+            if "error" in msg:
+                raise RuntimeError(msg["error"])
+            if "done" in msg:
+                break
+            toks.append(msg["token"])
+            stamps.append(time.monotonic())
+    return toks, stamps, t0, 1
+
+
+class _NaiveSplit:
+    """Every token escalated, fp32 h_K of the whole context re-sent each step, fresh session."""
+
+    def __init__(self, bundle: Path) -> None:
+        from edge_runtime.llama_backend import LlamaContext, LlamaModel
+        from fogline.manifest import load_manifest
+
+        self.m = load_manifest(bundle / "edge", role="edge")
+        self.model = LlamaModel(bundle / "edge" / "edge.gguf")
+        self.ctx = LlamaContext(self.model, n_ctx=1024, n_batch=256, n_seq=1, n_threads=1,
+                                tap_layer=self.m.split - 1)
+        self.link = None
+
+    async def run(self, url: str, ids: list[int], n: int):
+        import numpy as np
+
+        from edge_runtime.cloud_client import CloudLink
+        from edge_runtime.cloud_generation import LlamaEdgeStep
+        from fogline.wire.protocol import Close
+
+        if self.link is None or self.link.url != url:
+            if self.link is not None:
+                await self.link.close()
+            self.link = CloudLink(url, fingerprint=self.m.fingerprint, split=self.m.split, codec="fp32")
+            await self.link.connect()
+        step = LlamaEdgeStep(self.ctx)
+        t0 = time.monotonic()
+        h = await step(ids, 0)
+        toks, stamps = [], []
+        for i in range(n):
+            sid = f"naive-{os.getpid()}-{time.monotonic_ns()}"
+            res = await self.link.infer(sid, 0, np.ascontiguousarray(h, dtype=np.float32))
+            await self.link._request(lambda r, sid=sid: Close(id=r, session=sid), want_reply=False)
+            toks.append(res.token)
+            stamps.append(time.monotonic())
+            if i < n - 1:
+                h = np.concatenate([h, await step([res.token], len(ids) + i)])
+        return toks, stamps, t0, n
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.link is not None:
+            asyncio.run_coroutine_threadsafe(self.link.close(), loop).result()
+        self.ctx.close()
+        self.model.close()
 
 
 def _prefix_agree(a: str, b: str) -> float:
