@@ -12,11 +12,28 @@ or after 20 windows in all.
 
 A step's `finish` callback runs in the model thread on that step's logits
 (sampling, verification), so torch never runs on the event loop.
+
+Which queued steps go first (`schedule`):
+
+* `vdf` (default) — Edge-LLM's value density: every step is worth the same (one edge
+  waiting on one answer) and is due at its deadline (arrival + `step_deadline_s` for an
+  infer/verify, `LAZY_DEADLINE_FACTOR` times that for a lazy append nobody waits on).
+  A step that can still make its deadline has density 1 / (slack x rows): the nearest
+  deadline and the cheapest to finish first. A step whose slack is below one pass can no
+  longer make it; those go after every step that still can, oldest first (so none starves
+  while the load lasts: their edges fall back to edge mode at their own deadline anyway).
+* `fifo` — arrival order.
+
+The queue is bounded: beyond `max_queue` waiting steps `submit` raises `overloaded` with a
+Retry-After of about the time the queue needs to drain; the edge retries after it until its
+own cloud deadline, then finishes in edge mode (a slow cloud and an overloaded one look the
+same to it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -46,22 +63,60 @@ class Step:
     finish: Callable[[torch.Tensor | None], Any]  # runs in the model thread; its result is the step's
     future: asyncio.Future[Any] = field(default=None)  # type: ignore[assignment]
     queued_at: float = 0.0
+    # when the answer is due, on the batcher's clock; None: arrival + the batcher's step deadline
+    deadline: float | None = None
+    seq: int = 0  # arrival order
 
     @property
     def rows(self) -> int:
         return int(self.hidden.shape[0])
 
 
+SCHEDULES = ("vdf", "fifo")
+LAZY_DEADLINE_FACTOR = 4.0  # a lazy append (no edge waits on it) is due this many step deadlines later
+
+
+class _StepQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An asyncio.Queue whose `get` returns the waiting step with the least `priority(step, now)`
+    (computed when taken, since slack shrinks while a step waits; O(n) with n <= max_queue)."""
+
+    def __init__(self, priority: Callable[[Step, float], tuple[Any, ...]], clock: Callable[[], float]) -> None:
+        self._priority, self._clock = priority, clock
+        super().__init__()
+
+    def _init(self, maxsize: int) -> None:
+        self._queue: list[Step] = []
+
+    def _put(self, item: Step) -> None:
+        self._queue.append(item)
+
+    def _get(self) -> Step:
+        now = self._clock()
+        best = min(range(len(self._queue)), key=lambda i: self._priority(self._queue[i], now))
+        return self._queue.pop(best)
+
+    def rows(self) -> int:
+        return sum(s.rows for s in self._queue)
+
+
 class Batcher:
     def __init__(self, model: DeepModel, metrics: CloudMetrics, *, window_s: float, max_tokens: int,
-                 max_queue: int, executor: ThreadPoolExecutor) -> None:
+                 max_queue: int, executor: ThreadPoolExecutor, schedule: str = "vdf",
+                 step_deadline_s: float = 0.25, clock: Callable[[], float] = time.perf_counter) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.model = model
         self.metrics = metrics
         self.window_s = window_s
         self.max_tokens = max_tokens
         self.max_queue = max_queue
         self.executor = executor
-        self._queue: asyncio.Queue[Step] = asyncio.Queue()
+        self.schedule = schedule
+        self.step_deadline_s = step_deadline_s
+        self.clock = clock  # deadlines and slack (tests drive it virtually)
+        self._seq = itertools.count()
+        self._pass_clock = 0.0  # moving average of a pass's duration on `clock`
+        self._queue = _StepQueue(self._priority, clock)
         self._task: asyncio.Task[None] | None = None
         self._recent: dict[int, float] = {}  # id(session) -> when it last submitted a step
         self._pass_s = 0.0  # moving average of a pass's duration
@@ -92,9 +147,16 @@ class Batcher:
         if self._closed:
             raise ShuttingDown("server is shutting down", retry_after=1.0)
         if self._queue.qsize() >= self.max_queue:
-            raise Overloaded(f"{self._queue.qsize()} steps are waiting for the model", retry_after=0.2)
+            # about the time the queue needs to drain: passes of max_tokens rows at the current pass time
+            drain = self._pass_s * (1 + self._queue.rows() / max(1, self.max_tokens))
+            raise Overloaded(f"{self._queue.qsize()} steps are waiting for the model",
+                             retry_after=round(min(5.0, max(0.05, drain)), 3))
         step.future = asyncio.get_running_loop().create_future()
         step.queued_at = time.perf_counter()
+        step.seq = next(self._seq)
+        if step.deadline is None:
+            lazy = LAZY_DEADLINE_FACTOR if step.logit_rows == "none" else 1.0
+            step.deadline = self.clock() + lazy * self.step_deadline_s
         self._recent[id(step.session)] = step.queued_at
         self._queue.put_nowait(step)
         try:
@@ -105,6 +167,16 @@ class Batcher:
             if not step.future.done():
                 await asyncio.wait({step.future})
             raise
+
+    def _priority(self, s: Step, now: float) -> tuple[Any, ...]:
+        """Sort key of a queued step: least first (see the module doc)."""
+        if self.schedule == "fifo":
+            return (0, s.seq)
+        assert s.deadline is not None
+        slack = s.deadline - now
+        if slack < self._pass_clock:  # cannot make it any more: after all that still can, oldest first
+            return (1, s.seq)
+        return (0, -1.0 / (max(slack, 1e-9) * s.rows), s.seq)
 
     def _active_sessions(self, now: float) -> int:
         """Sessions that submitted within the last few pass durations (they will again)."""
@@ -146,8 +218,11 @@ class Batcher:
             now = time.perf_counter()
             for s in batch:
                 self.metrics.queue_wait_seconds.observe(now - s.queued_at)
+            c0 = self.clock()
             try:
                 results = await loop.run_in_executor(self.executor, self._execute, batch)
+                dc = self.clock() - c0
+                self._pass_clock = dc if self.passes <= 1 else 0.8 * self._pass_clock + 0.2 * dc
             except Exception as e:  # a model failure: the sessions' caches may be half-written
                 log.exception("forward pass over %d steps failed", len(batch))
                 for s in batch:

@@ -43,6 +43,8 @@ class CloudConfig:
     batch_window_ms: float = 2.0  # after a step arrives, wait this long for other sessions' steps
     max_batch_tokens: int = 4096  # rows in one forward pass
     max_queue: int = 1024  # steps waiting for the model; beyond this requests get `overloaded`
+    schedule: str = "vdf"  # queued steps: "vdf" (value density: nearest deadline, cheapest first) or "fifo"
+    step_deadline_ms: float = 250.0  # an infer/verify is due this long after it arrives (lazy appends: 4x)
     max_inflight_per_connection: int = 256  # concurrent requests one websocket may have
     max_bad_frames: int = 64  # malformed frames tolerated per connection before it is closed
     hello_timeout_s: float = 10.0  # a connection must say hello within this long
@@ -66,6 +68,10 @@ class CloudConfig:
         bad = set(self.codecs) - {"fp32", "fp16", "int8"}
         if bad or not self.codecs:
             raise ConfigError(f"codecs must be a non-empty subset of fp32, fp16, int8 (got {sorted(bad)})")
+        if self.schedule not in ("vdf", "fifo"):
+            raise ConfigError(f"schedule {self.schedule!r} must be 'vdf' or 'fifo'")
+        if self.step_deadline_ms <= 0:
+            raise ConfigError(f"step_deadline_ms must be positive, got {self.step_deadline_ms}")
         for name in ("session_ttl_s", "reap_interval_s", "batch_window_ms", "hello_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
@@ -143,6 +149,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget-bytes", type=int, dest="kv_budget_bytes")
     p.add_argument("--session-ttl-s", type=float, dest="session_ttl_s")
     p.add_argument("--batch-window-ms", type=float, dest="batch_window_ms")
+    p.add_argument("--schedule", choices=["vdf", "fifo"], help="order of queued steps (default vdf)")
+    p.add_argument("--step-deadline-ms", type=float, dest="step_deadline_ms",
+                   help="an infer/verify is due this long after it arrives (default 250)")
     p.add_argument("--fast-gemv", action="store_true", default=None, dest="fast_gemv",
                    help="compile a fused single-row matmul (needs a C++ compiler)")
     p.add_argument("--no-verify-bundle", action="store_false", default=None, dest="verify_bundle")

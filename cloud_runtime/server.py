@@ -366,7 +366,8 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     manifest, model = await loop.run_in_executor(executor, load_bundle_model, config)
     store = SessionStore(model.new_cache, config.kv_budget_bytes, config.session_ttl_s, metrics)
     batcher = Batcher(model, metrics, window_s=config.batch_window_ms / 1000, max_tokens=config.max_batch_tokens,
-                      max_queue=config.max_queue, executor=executor)
+                      max_queue=config.max_queue, executor=executor, schedule=config.schedule,
+                      step_deadline_s=config.step_deadline_ms / 1000)
     max_context = config.max_context or model.spec.max_position_embeddings
     rt = CloudRuntime(config, manifest, model, store, batcher, metrics, max_context)
     rt.idle.set()
