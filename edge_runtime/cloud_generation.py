@@ -7,8 +7,8 @@ The loop is the smallest possible split inference:
         token = await cloud.infer(h)    # deep layers [K, L) + head, on the cloud
         h = edge([token])               # h_K of the new token, for the next step
 
-`CloudSession` is the edge's record of one cloud session: it keeps every h_K
-row it has produced, so when the cloud answers `unknown_session` (evicted,
+`CloudSession` is the edge's record of one cloud session: it keeps the h_K rows
+it has produced (float16, the newest `history_tokens` of them when bounded), so when the cloud answers `unknown_session` (evicted,
 expired, restarted) it replays them, and on `position_gap` it resynchronises
 from the position the cloud reports (Petals' rule: retry and replay live in the
 client, which holds the history). `overloaded` and a dropped link are retried
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from edge_runtime.cloud_client import CloudLink, InferResult, VerifyResult
+from fogline.wire.codecs import FP16_MAX
 from fogline.wire.errors import LinkDown, Overloaded, PositionGap, ShuttingDown, UnknownSession
 from fogline.wire.protocol import GREEDY, Sampling
 
@@ -36,16 +37,37 @@ T = TypeVar("T")
 EdgeStep = Callable[[Sequence[int], int], Awaitable[np.ndarray]]
 
 
+class ReplayImpossible(Exception):
+    """The cloud needs h_K rows the edge no longer keeps (older than `history_tokens`)."""
+
+
 class CloudSession:
-    """One sequence's state at the cloud, with the h_K history needed to rebuild it."""
+    """One sequence's state at the cloud, with the h_K history needed to rebuild it.
+
+    History: the h_K rows are kept as float16 (clipped to the fp16 range exactly as the fp16
+    wire codec does, so a replay over the default codec sends the very bytes the first upload
+    sent; over fp32/int8 a replay is fp16-rounded). The rows handed to infer/verify/append_lazy
+    go up the first time from the caller's own float32 array, not from the fp16 copy. With `history_tokens` set, the
+    newest `history_tokens` rows are always kept and at most max(2·history_tokens, the
+    largest single batch of rows recorded) are held (older rows are dropped in amortised
+    compactions), and a row the cloud has not received yet (position >= cloud_len) is never
+    dropped. Nothing is
+    refused up front: a request may run far past the bound as long as the cloud keeps its
+    session. Only when the cloud needs rows before the oldest kept one (it lost the session:
+    eviction, TTL, restart; or a position gap below it) does the send raise
+    `ReplayImpossible`, which the daemon's modes turn into an edge-mode fallback with that
+    reason.
+    """
 
     def __init__(self, link: CloudLink, sid: str | None = None, *, max_retries: int = 6,
-                 backoff_s: float = 0.25) -> None:
+                 backoff_s: float = 0.25, history_tokens: int | None = None) -> None:
         self.link = link
         self.sid = sid or f"edge-{uuid.uuid4().hex}"
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self._h: np.ndarray | None = None  # [capacity, D]
+        self.history_tokens = history_tokens
+        self._h: np.ndarray | None = None  # [capacity, D] float16: rows of positions [base, n)
+        self.base = 0  # position of _h[0]; positions < base were dropped by the bound
         self.n = 0  # positions recorded on the edge
         self.cloud_len = 0  # positions the cloud holds, as far as we know
         self.replays = 0  # times the cloud lost the session and we replayed it
@@ -53,20 +75,50 @@ class CloudSession:
 
     @property
     def history(self) -> np.ndarray:
-        return self._h[:self.n] if self._h is not None else np.empty((0, 0), np.float32)
+        """The kept rows, positions [base, n), float16."""
+        return self._h[:self.n - self.base] if self._h is not None else np.empty((0, 0), np.float16)
 
     def record(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.float32)
+        rows = np.asarray(rows)
         if rows.ndim != 2:
             raise ValueError(f"h_K rows must be [n, D], got {rows.shape}")
+        if self.n < self.base:  # rolled back below the kept window: it is empty now
+            self.base = self.n
+        rows16 = np.clip(rows, -FP16_MAX, FP16_MAX).astype(np.float16)
         if self._h is None:
-            self._h = np.empty((max(256, len(rows)), rows.shape[1]), np.float32)
-        if self.n + len(rows) > len(self._h):
-            grown = np.empty((max(2 * len(self._h), self.n + len(rows)), self._h.shape[1]), np.float32)
-            grown[:self.n] = self._h[:self.n]
-            self._h = grown
-        self._h[self.n:self.n + len(rows)] = rows
+            cap = max(256, len(rows)) if self.history_tokens is None else max(len(rows), 2 * self.history_tokens)
+            self._h = np.empty((cap, rows.shape[1]), np.float16)
+        kept = self.n - self.base
+        if kept + len(rows) > len(self._h):
+            drop = 0
+            if self.history_tokens is not None:  # drop the oldest rows the cloud already has
+                drop = max(0, min(self.n + len(rows) - self.history_tokens, self.cloud_len) - self.base)
+                drop = min(drop, kept)
+            if kept - drop + len(rows) > len(self._h):
+                grown = np.empty((max(2 * len(self._h), kept - drop + len(rows)), self._h.shape[1]), np.float16)
+                grown[:kept - drop] = self._h[drop:kept]
+                self._h = grown
+            elif drop:
+                self._h[:kept - drop] = self._h[drop:kept].copy()
+            self.base += drop
+            kept -= drop
+        self._h[kept:kept + len(rows)] = rows16
         self.n += len(rows)
+
+    def rows(self, lo: int, hi: int, fresh: np.ndarray | None = None) -> np.ndarray:
+        """float32 h_K of positions [lo, hi); `fresh` = the caller's rows of [hi - len(fresh), hi)."""
+        hi = min(hi, self.n)
+        fs = hi - len(fresh) if fresh is not None else hi
+        if lo < self.base and lo < fs:
+            raise ReplayImpossible(
+                f"the cloud needs h_K from position {lo} but the edge keeps only positions >= {self.base} "
+                f"(replay_history_tokens={self.history_tokens})")
+        old = self._h[lo - self.base:max(lo, fs) - self.base].astype(np.float32) if lo < fs else None
+        new = np.asarray(fresh[max(lo, fs) - fs:], np.float32) if fresh is not None else None
+        if old is None:
+            return new if new is not None else np.empty((0, self._h.shape[1] if self._h is not None else 0),
+                                                        np.float32)
+        return old if new is None or not len(new) else np.concatenate([old, new])
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call` (which sends from self.cloud_len), repairing the session between tries."""
@@ -105,7 +157,8 @@ class CloudSession:
         self.record(rows)
 
         async def call() -> InferResult:
-            return await self.link.infer(self.sid, self.cloud_len, self.history[self.cloud_len:], sampling, top_n)
+            return await self.link.infer(self.sid, self.cloud_len, self.rows(self.cloud_len, self.n, rows), sampling,
+                                         top_n)
 
         res = await self._retrying(call)
         self.cloud_len = res.length
@@ -115,8 +168,8 @@ class CloudSession:
         """Record and upload without waiting (collab mode); failures surface on the next call."""
         self.record(rows)
         try:
-            self.cloud_len = await self.link.append(self.sid, self.cloud_len, self.history[self.cloud_len:],
-                                                    ack=False)
+            self.cloud_len = await self.link.append(self.sid, self.cloud_len,
+                                                    self.rows(self.cloud_len, self.n, rows), ack=False)
         except (LinkDown, ShuttingDown):
             pass  # the next infer/verify replays what is missing
 
@@ -132,11 +185,11 @@ class CloudSession:
 
         async def call() -> VerifyResult:
             if self.cloud_len < start:  # bring the cloud up to `start` first (replay / lazy rows)
-                self.cloud_len = await self.link.append(self.sid, self.cloud_len,
-                                                        self.history[self.cloud_len:start])
+                self.cloud_len = await self.link.append(self.sid, self.cloud_len, self.rows(self.cloud_len, start))
             elif self.cloud_len > start:
                 self.cloud_len = await self.link.truncate(self.sid, start)
-            return await self.link.verify(self.sid, start, self.history[start:], draft, sampling, draft_probs)
+            return await self.link.verify(self.sid, start, self.rows(start, self.n, rows), draft, sampling,
+                                          draft_probs)
 
         res = await self._retrying(call)
         self.n = self.cloud_len = res.length

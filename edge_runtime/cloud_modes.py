@@ -20,10 +20,37 @@ the engine produced them.
   while the verdict is in flight. The engine emits the accepted drafts + the cloud's
   correction; a held draft equal to the correction survives (with the block after it),
   anything else is rolled back exactly (llama.cpp seq_rm, tokens, h_K rows) and the cloud
-  truncates past the accepted prefix itself. Sampling: drafts carry the edge's sparse
-  distribution q (top `DRAFT_TOP` probabilities); the cloud accepts with min(1, p/q) and on
-  rejection samples norm(max(0, p − q)) — the same PicoSpec residual, computed at the cloud
-  where p is (one message less than shipping p's top-k back).
+  truncates past the accepted prefix itself.
+
+  Sampling (temperature > 0), exactly how it is done:
+    1. the edge draws each draft d_i with its sampler (exit head logits, logit bias and
+       penalties, temperature T, top-k, top-p, banned EOS under ignore_eos) and attaches the
+       sparse q_i: the `DRAFT_TOP` (= 32) most likely tokens of softmax(adjusted logits / T)
+       with their probabilities, not renormalised (they sum to <= 1). Note q_i reflects
+       temperature only: the sampler's top-k / top-p / banned-token filtering is not applied
+       to the q that is sent (exact with the defaults top_k=0, top_p=1 and no banned token);
+    2. the cloud computes p_i (temperature, top-k, top-p applied to the deep logits; see
+       cloud_runtime/sampling.py `judge`), rebuilds q_i as a dense vector that is zero outside
+       those 32 entries, and accepts d_i with probability min(1, p_i(d_i) / q_i(d_i)) using a
+       uniform draw keyed by (seed, position);
+    3. on the first rejection it samples the correction from norm(max(0, p_i − q_i)) (falling
+       back to p_i if that residual is all zero) with the same keyed generator, and the block
+       ends; if every draft is accepted the bonus token is sampled from p at the next position.
+  This is PicoSpec's residual rule computed at the cloud, where p is (one message less than
+  shipping p's top-k to the edge). It is exact — the output distributed as the full model's
+  — only up to the truncation of q to its top 32 entries: outside them q is taken as 0, so
+  the residual there is p itself rather than max(0, p − q). Tokens outside the edge's top 32
+  are never drafted, but their q-mass (at most 1 − Σ top-32) is missing from the residual's
+  subtraction, which over-weights them by at most that mass; with the exit head's usually
+  peaked q the error is small, not zero.
+
+  Reproducibility: with a seed, the edge sampler's stream and the cloud's position-keyed
+  draws are deterministic, but block boundaries are not if γ adapts to measured timings and
+  the next block is drafted while a verdict is in flight (a bonus token is drawn from p, a
+  drafted one through accept/residual — different functions of the same randomness). So a
+  request with temperature > 0 AND a seed runs spec mode with a fixed γ = spec_gamma and no
+  pipelined block: the same seed then gives the same completion. Unseeded sampling and greedy
+  keep the adaptive, pipelined schedule.
 
   γ rule (per request): start at `spec_gamma`; after a verdict that accepted the whole block
   γ ← γ + 1, else γ ← max(1, accepted + 1); γ ≤ γ_max = max(2·spec_gamma, ⌈RTT / t_draft⌉)
@@ -33,9 +60,17 @@ the engine produced them.
 
 Failover: any cloud error that survives CloudSession's repair (replay on `unknown_session`,
 resync on `position_gap`, retries on a dropped link), a call slower than `cloud_deadline_ms`,
-or a history longer than `replay_history_tokens` ends the request's cloud use: the engine
-emits its held drafts and continues in edge mode with `fallback` set. The HTTP request never
-fails because of the cloud.
+or a replay that is needed but impossible ends the request's cloud use: the engine emits its
+held drafts and continues in edge mode with `fallback` set. The HTTP request never fails
+because of the cloud.
+
+Replay history: each request's CloudSession keeps its h_K rows as float16, bounded by config
+`replay_history_tokens` (the newest rows; rows the cloud has not received yet are never
+dropped). A request longer than the bound is NOT cut short: it keeps using the cloud while
+the cloud keeps its session. Only if the cloud then loses the session (restart, eviction,
+TTL) or reports a position gap below the oldest kept row does the request fall back, with
+`fallback` = "cloud lost the session and replay is impossible: the cloud needs h_K from
+position 0 but the edge keeps only positions >= N (replay_history_tokens=B)".
 
 Torch-free (tests/test_edge_imports.py).
 """
@@ -55,7 +90,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.cloud_client import CloudLink
-from edge_runtime.cloud_generation import CloudSession
+from edge_runtime.cloud_generation import CloudSession, ReplayImpossible
 from edge_runtime.engine import Draft, Engine, ExitStep, GenerationRequest
 from edge_runtime.sampling import SamplingParams, TokenChoice
 from fogline.wire.errors import FoglineError
@@ -164,6 +199,8 @@ class DeadlineExceeded(Exception):
 def _why(e: BaseException) -> str:
     if isinstance(e, DeadlineExceeded):
         return str(e)
+    if isinstance(e, ReplayImpossible):
+        return f"cloud lost the session and replay is impossible: {e}"
     if isinstance(e, FoglineError):
         return f"cloud error: {e}"
     return f"cloud unavailable: {type(e).__name__}: {e}"
@@ -185,6 +222,7 @@ class _Req:
     t_last: float = 0.0
     t_draft: float = 0.0  # EMA seconds per edge step
     q: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # spec sampling: position -> q
+    seeded: bool = False  # spec: sampled with a seed -> fixed γ, no pipelining (reproducible)
 
 
 class _CloudSource:
@@ -203,7 +241,8 @@ class _CloudSource:
         with self._mu:
             st = self._reqs.get(rid)
             if st is None:
-                st = self._reqs[rid] = _Req(CloudSession(self.bridge.link, max_retries=8, backoff_s=0.2),
+                st = self._reqs[rid] = _Req(CloudSession(self.bridge.link, max_retries=8, backoff_s=0.2,
+                                                         history_tokens=self.bridge.history_limit),
                                             gamma=step.request.gamma or self.bridge.spec_gamma)
         return st
 
@@ -229,8 +268,6 @@ class _CloudSource:
     def _too_long(self, step: ExitStep, st: _Req) -> str | None:
         if step.hidden is None:
             return "this request keeps no h_K (capture off)"
-        if step.position > self.bridge.history_limit:
-            return f"context beyond replay_history_tokens ({self.bridge.history_limit})"
         if st.failed:
             return "cloud failed earlier in this request"
         if st.recorded == 0 and not self.bridge.connected and self.bridge.last_error is not None:
@@ -291,8 +328,9 @@ class CloudModeSource(_CloudSource):
     def decide(self, step: ExitStep) -> TokenChoice | None:
         st = self._state(step)
         if (why := self._too_long(step, st)) is not None:
-            st.failed = True
-            step.stats.fallback = why
+            if not st.failed:  # keep the first reason, not "cloud failed earlier"
+                st.failed = True
+                step.stats.fallback = why
             return self._edge_choice(step)
         self._infer(step, st, self._rows(step, st, step.position))
         return None
@@ -345,6 +383,8 @@ class SpecSource(_CloudSource):
             st.t_draft = (now - st.t_last) if not st.t_draft else 0.8 * st.t_draft + 0.2 * (now - st.t_last)
         st.t_last = now
         P, held = step.position, step.held
+        params = step.request.params
+        st.seeded = params.temperature > 0 and params.seed is not None
         if st.recorded == 0 and P > 1:  # the prompt's rows go up now, overlapping the first drafts
             self._append_lazy(step, st, self._rows(step, st, P - 1))
         remaining = self._remaining(step) - held
@@ -354,6 +394,8 @@ class SpecSource(_CloudSource):
                 return self._draft(step, st, choice)
             self._verify(step, st)
             st.inflight = True
+        if st.seeded:
+            return None  # reproducible schedule: no block drafted while a verdict is in flight
         if held - st.block_len < st.gamma and remaining > 1 and not eog_held:
             return self._draft(step, st, choice)  # pipelined: the next block, assuming acceptance
         return None  # park until the verdict
@@ -413,7 +455,9 @@ class SpecSource(_CloudSource):
             def applied() -> None:  # engine thread, after the engine applied the verdict
                 st.inflight = False
                 st.recorded = min(st.recorded, res.length)
-                st.gamma = min(gamma_max, st.gamma + 1) if res.accepted == len(draft) else max(1, res.accepted + 1)
+                if not st.seeded:
+                    st.gamma = (min(gamma_max, st.gamma + 1) if res.accepted == len(draft)
+                                else max(1, res.accepted + 1))
 
             self.engine.deliver_verdict(rid, start, res.accepted, TokenChoice(res.token, 0.0, 0.0, origin="cloud"),
                                         applied)

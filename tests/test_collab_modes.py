@@ -374,3 +374,92 @@ def test_stalled_or_unreachable_cloud_falls_back_to_edge(f32_bundle, cloud, prom
         srv.stop()
         asyncio.run_coroutine_threadsafe(wan.close(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_spec_mode_sampling_is_seeded_and_mixes_origins(edge, prompts):
+    """temperature > 0 with a seed: spec mode completes in spec mode, the same seed gives the
+    same completion (fixed γ, no pipelined block: see cloud_modes.py), tokens come from both
+    the edge (accepted drafts) and the cloud (corrections / bonus tokens)."""
+    def run(seed: int) -> tuple[str, dict]:
+        r = _client(edge).completions.create(model="fogline-edge-k20", prompt=prompts[2], max_tokens=24,
+                                             temperature=0.8, seed=seed, extra_body={"mode": "spec",
+                                                                                     "ignore_eos": True})
+        return r.choices[0].text, r.model_extra["fogline"]
+
+    a, sa = run(1234)
+    b, sb = run(1234)
+    for st in (sa, sb):
+        assert st["mode"] == "spec" and st["fallback"] is None, st
+        assert st["edge_tokens"] + st["cloud_tokens"] == 24
+    assert a == b and sa["edge_tokens"] == sb["edge_tokens"]
+    assert sa["edge_tokens"] > 0 and sa["cloud_tokens"] > 0, sa
+    others = {run(s)[0] for s in (1, 2, 3)}
+    assert len(others | {a}) > 1  # the seed matters: sampled, not greedy
+
+
+def test_replay_history_is_fp16_and_bounded(cloud, f32_bundle):
+    """CloudSession keeps h_K as fp16, at most ~replay_history_tokens rows; a replay within the
+    bound reproduces the uninterrupted session, one beyond it raises ReplayImpossible (the
+    modes turn that into a fallback) — and nothing is refused before a replay is needed."""
+    import numpy as np
+
+    from edge_runtime.cloud_client import CloudLink
+    from edge_runtime.cloud_generation import CloudSession, ReplayImpossible
+    from fogline.manifest import load_manifest
+
+    m = load_manifest(f32_bundle / "edge", role="edge")
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((40, m.hidden_size)).astype(np.float32)
+    steps = [rng.standard_normal((1, m.hidden_size)).astype(np.float32) for _ in range(30)]
+
+    async def go() -> None:
+        link = CloudLink(f"ws://127.0.0.1:{cloud.port}/ws", fingerprint=m.fingerprint, split=m.split)
+        try:
+            ref, small, big = (CloudSession(link, history_tokens=h) for h in (None, 16, 64))
+            for cs in (ref, small, big):
+                await cs.infer(prompt)
+                for row in steps[:20]:
+                    await cs.infer(row)  # 60 positions: past the small bound, still served
+            assert small.history.dtype == np.float16 and small.n == 60
+            assert small.base > 0 and 16 <= small.n - small.base <= max(2 * 16, len(prompt))
+            assert big.base == 0 and len(big.history) == 60
+            assert np.array_equal(big.history[:40], np.clip(prompt, -65504, 65504).astype(np.float16))
+            for cs in (small, big):  # the cloud loses both sessions
+                await link.close_session(cs.sid)
+            want = [(await ref.infer(r)).token for r in steps[20:]]
+            got = [(await big.infer(r)).token for r in steps[20:]]
+            assert big.replays == 1 and got == want  # fp16 codec: the replay is bit-identical
+            with pytest.raises(ReplayImpossible, match="keeps only positions >= "):
+                await small.infer(steps[20])
+            for cs in (ref, big):
+                await cs.close()
+        finally:
+            await link.close()
+
+    asyncio.run(go())
+
+
+def test_cloud_unreachable_at_startup_then_reconnects(f32_bundle, prompts, tmp_path):
+    """The edge starts with its cloud_url on a closed port: /health is 200 with the cloud not
+    connected, a cloud-mode request completes in edge mode naming the reason; once a cloud
+    listens on that port the link reconnects (backoff) and a later request uses it."""
+    port = _free_port()
+    srv = start_edge_server(f32_bundle / "edge", tmp_path / "edge.log",
+                            env=_edge_env(f"ws://127.0.0.1:{port}/ws", FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000"))
+    late = Cloud(f32_bundle, port, tmp_path / "cloud.log")
+    try:
+        status, h = srv.health()
+        assert status == 200 and h["cloud"]["configured"] is True and h["cloud"]["connected"] is False, h
+        end = time.monotonic() + 30
+        while srv.health()[1]["cloud"].get("last_error") is None and time.monotonic() < end:
+            time.sleep(0.1)
+        text, st = _complete(srv, prompts[0], 8, "cloud")
+        assert st["fallback"] and "unreachable" in st["fallback"] and str(port) in st["fallback"], st
+        assert st["edge_tokens"] == 8 and st["cloud_tokens"] == 0 and text
+        late.start()
+        _wait_connected(srv, timeout=90)
+        _, st = _complete(srv, prompts[0], 8, "cloud")
+        assert st["fallback"] is None and st["cloud_tokens"] == 8, st
+    finally:
+        srv.stop()
+        late.stop()
