@@ -34,6 +34,13 @@ class ExportRequest:
     threads: int | None = None
     tokenizer_pre: str | None = None
     progress: bool = True
+    # Exit adapter (quantize/exit_adapter.py). The CLI defaults to 1 block; programmatic
+    # callers opt in, so library users and fixtures do not train by accident.
+    exit_adapter: int = 0
+    calib_text: str | None = None
+    calib_budget: str | None = None
+    seed: int = 0
+    target_agreement: float = 0.95
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +56,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-pre", default=None,
                    help="llama.cpp pre-tokenizer name for HF sources when detection is wrong")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("exit adapter and calibration")
+    g.add_argument("--exit-adapter", type=int, default=1, metavar="N",
+                   help="train N transformer blocks after layer K as the edge's exit head (0: bare head, "
+                        "no calibration; default 1)")
+    g.add_argument("--calib-text", metavar="FILE",
+                   help="prompts for calibration: .txt (one per paragraph) or .jsonl chat messages; "
+                        "default: a built-in set of 400 prompts. The full model writes the answers.")
+    g.add_argument("--calib-budget", metavar="BUDGET",
+                   help="training tokens to generate (e.g. 60k) and/or a training time cap (e.g. 8m), "
+                        "e.g. '30k,5m'; default 60k tokens, no time cap")
+    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and training (default 0)")
+    g.add_argument("--target-agreement", type=float, default=0.95,
+                   help="agreement with the full model that the default exit threshold must reach (default 0.95)")
 
 
 def request_from_args(a: argparse.Namespace) -> ExportRequest:
@@ -61,9 +81,15 @@ def request_from_args(a: argparse.Namespace) -> ExportRequest:
         except ValueError:
             raise ExportError(f"--split must be an integer or 'auto', not {a.split!r}") from None
     quant = None if a.quant == "auto" else a.quant.upper()
+    if a.exit_adapter < 0:
+        raise ExportError(f"--exit-adapter must be 0 or more, not {a.exit_adapter}")
+    if not 0 < a.target_agreement <= 1:
+        raise ExportError(f"--target-agreement must be in (0, 1], not {a.target_agreement}")
     return ExportRequest(source=a.source, out=Path(a.out), split=split, quant=quant, device=a.device,
                          device_memory=a.device_memory, force=a.force, cloud_dtype=a.cloud_dtype,
-                         threads=a.threads, tokenizer_pre=a.tokenizer_pre, progress=not a.no_progress)
+                         threads=a.threads, tokenizer_pre=a.tokenizer_pre, progress=not a.no_progress,
+                         exit_adapter=a.exit_adapter, calib_text=a.calib_text, calib_budget=a.calib_budget,
+                         seed=a.seed, target_agreement=a.target_agreement)
 
 
 def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manifest, Manifest]:
@@ -78,6 +104,13 @@ def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manif
         if req.quant not in QUANT_TYPES:
             raise ExportError(f"unknown quantization type {req.quant!r}; choose one of {', '.join(QUANT_TYPES)}")
         ftype_of(req.quant)
+    if req.exit_adapter:  # bad calibration input fails now, before minutes of work
+        from quantize.calibration_data import read_calib_text
+        from quantize.exit_adapter import parse_budget
+
+        parse_budget(req.calib_budget)
+        if req.calib_text:
+            read_calib_text(req.calib_text)
     budget = budget_mod.device_budget(req.device, req.device_memory)
     if req.split is None and budget is None:
         raise ExportError("--split auto needs --device or --device-memory to choose K")
@@ -86,7 +119,8 @@ def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manif
 
     from tqdm import tqdm
 
-    steps = tqdm(total=6, desc="export", unit="step", disable=not req.progress, file=sys.stderr)
+    steps = tqdm(total=6 + (3 if req.exit_adapter else 0), desc="export", unit="step", disable=not req.progress,
+                 file=sys.stderr)
     src = None
     try:
         steps.set_postfix_str("loading + dequantizing source")
@@ -96,7 +130,7 @@ def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manif
         if budget is not None:
             if req.split is not None:
                 spec.check_split(req.split)
-            choice = budget_mod.choose(spec, budget[0], req.split, req.quant)
+            choice = budget_mod.choose(spec, budget[0], req.split, req.quant, extra_blocks=req.exit_adapter)
             log(f"device budget: {budget[0] / budget_mod.MiB:.0f} MiB ({budget[1]})")
             log(budget_mod.format_table(choice))
             log(f"chose {choice.reason}")
@@ -109,7 +143,7 @@ def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manif
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            edge_m, cloud_m = _export_into(tmp, src, split, quant, req, steps, choice, budget)
+            edge_m, cloud_m = _export_into(tmp, src, split, quant, req, steps, choice, budget, log)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
@@ -133,7 +167,7 @@ def _load(req: ExportRequest):
 
 
 def _export_into(tmp: Path, src: Any, split: int, quant: str, req: ExportRequest, steps: Any,
-                 choice: Any, budget: Any) -> tuple[Manifest, Manifest]:
+                 choice: Any, budget: Any, log=print) -> tuple[Manifest, Manifest]:
     import torch
     from transformers import AutoTokenizer
 
@@ -172,6 +206,11 @@ def _export_into(tmp: Path, src: Any, split: int, quant: str, req: ExportRequest
     figures = verify_export(src, split, quant, edge_path, shard, tokenizer, req.threads)
     steps.update(1)
 
+    adapter_info = calibration = None
+    if req.exit_adapter:
+        adapter_info, calibration = _add_exit_adapter(edge_dir, src, split, quant, req, tokenizer, steps, choice,
+                                                      figures, log)
+
     steps.set_postfix_str("writing manifests")
     figures["export_seconds"] = round(time.time() - t0, 1)
     spec = src.spec
@@ -184,13 +223,84 @@ def _export_into(tmp: Path, src: Any, split: int, quant: str, req: ExportRequest
                        "estimated_resident_bytes": next(c.resident_bytes for c in choice.table
                                                         if (c.split, c.quant) == (split, quant))}
     edge_m = Manifest(role="edge", quant=quant, files={EDGE_GGUF: sha256_file(edge_path)},
-                      budget=budget_info, **common)
+                      budget=budget_info, exit_adapter=adapter_info, calibration=calibration, **common)
     cloud_m = Manifest(role="cloud", quant=req.cloud_dtype,
                        files={f: sha256_file(cloud_dir / f) for f in cloud_files}, **common)
     write_manifest(edge_dir, edge_m)
     write_manifest(cloud_dir, cloud_m)
     steps.update(1)
     return edge_m, cloud_m
+
+
+def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: ExportRequest, tokenizer: Any,
+                      steps: Any, choice: Any, figures: dict[str, Any], log) -> tuple[dict, dict]:
+    """Train (or fetch) the exit adapter, write it into edge.gguf after block K-1, calibrate it.
+
+    The edge GGUF without adapter, already verified, stays the source of blocks [0, K): the
+    adapter file is spliced onto it, and h_K is checked to be bit-identical."""
+    import numpy as np
+
+    from quantize import calibrate as cal
+    from quantize import exit_adapter as ea
+    from quantize.edge_gguf import write_edge_gguf
+    from quantize.llama_quant import quantize_gguf
+    from quantize.verify import edge_hidden, verification_prompt_tokens
+
+    areq = ea.AdapterRequest(blocks=req.exit_adapter, calib_text=req.calib_text,
+                             budget=ea.parse_budget(req.calib_budget), seed=req.seed, threads=req.threads,
+                             progress=req.progress)
+    threads = ea.llama_threads(req.threads)
+    edge_path, base = edge_dir / EDGE_GGUF, edge_dir / "edge.base.gguf"
+    os.replace(edge_path, base)
+
+    steps.set_postfix_str("calibration text (full model, llama.cpp)")
+    data, origin = ea.calibration_set(src, req.source, tokenizer, areq, log)
+    steps.update(1)
+
+    steps.set_postfix_str(f"exit adapter ({req.exit_adapter} block(s))")
+    result, cached = ea.trained_adapter(src, split, quant, base, data, areq, log)
+    float_type = quant if quant in ("F32", "F16") else "F16"
+    float_path = edge_dir / "edge.adapter.float.gguf"
+    write_edge_gguf(src, split, float_path, float_type, fingerprint=src.fingerprint(), adapter_state=result.state,
+                    adapter_blocks=req.exit_adapter, progress=False)
+    quant_path = float_path
+    if quant not in ("F32", "F16"):
+        quant_path = edge_dir / "edge.adapter.gguf"
+        quantize_gguf(float_path, quant_path, quant, req.threads)
+        float_path.unlink()
+    ea.splice_adapter_gguf(base, quant_path, edge_path)
+    quant_path.unlink()
+    tokens = verification_prompt_tokens(tokenizer)
+    h_base, h_new = edge_hidden(base, split, tokens, threads), edge_hidden(edge_path, split, tokens, threads)
+    if not np.array_equal(h_base, h_new):
+        from fogline.errors import VerificationError
+
+        raise VerificationError("the exit adapter changed h_K (max |diff| "
+                                f"{float(np.abs(h_base - h_new).max()):.3g}); the cloud would see other inputs")
+    figures["h_k_identical_to_export_without_adapter"] = True
+    steps.update(1)
+
+    steps.set_postfix_str("calibrating the exit (llama.cpp, held-out text)")
+    curve = cal.calibrate(edge_path, data.heldout, req.target_agreement, threads, progress=req.progress)
+    bare = cal.calibrate(base, data.heldout, req.target_agreement, threads)
+    base.unlink()
+    bare_short = {k: bare[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target", "spec_mean_accepted")}
+    cal.record_measurement(src, split, quant, areq, data.key, curve, bare_short, result.info)
+    calibration = {**curve, "bare_head": bare_short,
+                   "data": {"key": data.key, "prompts": origin, "heldout_answers": len(data.heldout),
+                            "heldout_positions": data.heldout_tokens, "train_answers": len(data.train),
+                            "train_positions": data.train_tokens, **data.info},
+                   "split_advice": cal.split_advice(src.spec, src.fingerprint(), quant, areq, data.key, split,
+                                                    choice)}
+    info = {k: result.info[k] for k in ("blocks", "init_layers", "steps", "epochs", "train_positions", "final_loss",
+                                        "train_seconds", "train_cpu_seconds", "seed", "cache_key", "recipe")
+            if k in result.info}
+    info.update({"cached": cached, "gguf_blocks": split + req.exit_adapter, "h_k_tap_layer": split - 1,
+                 "heldout_agreement_torch": result.info.get("heldout_agreement_torch")})
+    log(f"exit adapter: agreement {curve['agreement_top1']:.1%} (bare head {bare['agreement_top1']:.1%}); "
+        f"τ={curve['default_tau']} lets {curve['exit_rate_at_target']:.1%} of tokens exit at "
+        f"≥{req.target_agreement:.0%} agreement; spec γ=4 accepts {curve['spec_mean_accepted']:.2f} tokens/round")
+    return info, calibration
 
 
 def main(args: argparse.Namespace) -> int:

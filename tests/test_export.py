@@ -75,7 +75,7 @@ def test_inspect_passes_then_catches_tampering(demo_bundle, tmp_path, capsys):
 def test_hf_directory_source(demo_hf_dir, demo_bundle, tmp_path, capsys):
     out = tmp_path / "from-hf"
     rc = cli_main(["export", "--source", str(demo_hf_dir), "--split", "15", "--quant", "F16",
-                   "--out", str(out), "--no-progress"])
+                   "--out", str(out), "--no-progress", "--exit-adapter", "0"])
     assert rc == 0, capsys.readouterr().err
     edge = load_manifest(out / "edge")
     # Same weights, other container: same fingerprint as the GGUF-sourced export.
@@ -175,7 +175,7 @@ def test_existing_output_needs_force(demo_hf_dir, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc = cli_main(["export", "--source", str(demo_hf_dir), "--split", "10", "--out", str(out)])
+    rc = cli_main(["export", "--source", str(demo_hf_dir), "--split", "10", "--out", str(out), "--exit-adapter", "0"])
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -185,5 +185,6 @@ def test_failed_verification_leaves_nothing(demo_hf_dir, tmp_path, capsys):
     """A wrong pre-tokenizer is caught by verification after files were written: all are removed."""
     out = tmp_path / "o"
     msg = _run_bad(["export", "--source", str(demo_hf_dir), "--split", "10", "--quant", "Q8_0",
-                    "--tokenizer-pre", "falcon", "--out", str(out), "--no-progress"], capsys, out)
+                    "--tokenizer-pre", "falcon", "--out", str(out), "--no-progress", "--exit-adapter", "0"],
+                   capsys, out)
     assert "tokenizes differently" in msg

@@ -1,0 +1,229 @@
+"""Confidence calibration of the edge's exit head, measured through llama.cpp on the quantized edge GGUF.
+
+On the held-out calibration answers (the full model's *greedy* answers to
+prompts never trained on), every generated position is teacher-forced through
+the edge GGUF exactly as the edge runs it (exit adapter blocks, final norm, LM
+head). For each position we keep the exit distribution's confidence (max
+probability, as the edge engine computes it) and whether its argmax equals the
+full model's token. Positions inside prompts are never counted.
+
+From that:
+* the curve: for each τ in a grid, the exit rate (share of positions with
+  confidence ≥ τ) and the agreement of those exited tokens with the full model;
+* the default τ: the smallest grid τ whose agreement meets the target;
+* greedy `spec` drafting at γ: the edge drafts γ tokens, the cloud accepts the
+  longest matching prefix and adds its own token (the correction, or a bonus
+  after γ accepted), so a round yields accepted + 1 tokens. Replayed exactly on
+  greedy text: drafts condition only on accepted (hence true) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantize.calibration_data import Sample
+
+TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95,
+            0.96, 0.97, 0.98, 0.99, 0.995)
+SPEC_GAMMA = 4
+
+
+@dataclass
+class ExitStats:
+    """Per generated position, in sample order."""
+
+    confidence: np.ndarray  # [N] float64: max probability of the exit distribution
+    correct: np.ndarray  # [N] bool: exit argmax == the full model's token
+    lengths: list[int]  # positions per sample
+
+
+def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, progress: bool = False) -> ExitStats:
+    """Teacher-force every held-out answer through llama.cpp on `edge_gguf` (one sample per decode)."""
+    from tqdm import tqdm
+
+    from edge_runtime.llama_backend import BatchRow, LlamaContext, LlamaModel
+
+    model = LlamaModel(edge_gguf)
+    conf: list[np.ndarray] = []
+    correct: list[np.ndarray] = []
+    try:
+        longest = max(len(s.tokens) for s in samples)
+        ctx = LlamaContext(model, n_ctx=max(256, longest + 8), n_batch=512, n_threads=threads)
+        try:
+            for s in tqdm(samples, desc="calibrating (llama.cpp)", unit="seq", disable=not progress, leave=False):
+                ctx.remove(0)
+                inputs = s.tokens[:-1]
+                logits = []
+                for off in range(0, len(inputs), ctx.n_batch):
+                    chunk = inputs[off: off + ctx.n_batch]
+                    rows = [BatchRow(t, off + i, 0, off + i >= s.first_target) for i, t in enumerate(chunk)]
+                    logits.append(ctx.decode(rows).logits)
+                z = np.concatenate(logits).astype(np.float64)  # [len(answer), V]
+                m = z.max(-1, keepdims=True)
+                p_max = 1.0 / np.exp(z - m).sum(-1)
+                conf.append(p_max)
+                correct.append(z.argmax(-1) == np.asarray(s.answer))
+        finally:
+            ctx.close()
+    finally:
+        model.close()
+    return ExitStats(confidence=np.concatenate(conf), correct=np.concatenate(correct),
+                     lengths=[len(s.answer) for s in samples])
+
+
+def curve(stats: ExitStats, grid: tuple[float, ...] = TAU_GRID) -> list[dict[str, float]]:
+    out = []
+    n = len(stats.confidence)
+    for tau in grid:
+        exited = stats.confidence >= tau
+        k = int(exited.sum())
+        out.append({"tau": tau, "exit_rate": round(k / n, 4),
+                    "agreement": round(float(stats.correct[exited].mean()), 4) if k else None})
+    return out
+
+
+def choose_tau(points: list[dict[str, float]], target: float) -> dict[str, float]:
+    """The smallest τ whose exited tokens agree with the full model at least `target` of the time."""
+    for p in points:
+        if p["agreement"] is not None and p["agreement"] >= target and p["exit_rate"] > 0:
+            return p
+    return {"tau": 1.0, "exit_rate": 0.0, "agreement": None}  # never exit: every token from the cloud
+
+
+def spec_accepted_length(stats: ExitStats, gamma: int = SPEC_GAMMA) -> float:
+    """Mean tokens per greedy spec round (accepted drafts + the cloud's token)."""
+    tokens = rounds = 0
+    off = 0
+    for n in stats.lengths:
+        match = stats.correct[off: off + n]
+        off += n
+        p = 0
+        while p < n:
+            a = 0
+            while a < gamma and p + a < n and match[p + a]:
+                a += 1
+            emitted = min(a + 1, n - p)
+            tokens += emitted
+            rounds += 1
+            p += a + 1
+    return tokens / max(1, rounds)
+
+
+def summarize(stats: ExitStats, target: float) -> dict[str, Any]:
+    points = curve(stats)
+    chosen = choose_tau(points, target)
+    return {
+        "target_agreement": target,
+        "default_tau": chosen["tau"],
+        "exit_rate_at_target": chosen["exit_rate"],
+        "agreement_at_default_tau": chosen["agreement"],
+        "agreement_top1": round(float(stats.correct.mean()), 4),
+        "spec_gamma": SPEC_GAMMA,
+        "spec_mean_accepted": round(spec_accepted_length(stats), 4),
+        "positions": int(len(stats.confidence)),
+        "answers": len(stats.lengths),
+        "curve": points,
+    }
+
+
+def calibrate(edge_gguf: Path, samples: list[Sample], target: float, threads: int | None = None,
+              progress: bool = False) -> dict[str, Any]:
+    return summarize(measure(edge_gguf, samples, threads, progress), target)
+
+
+# ---- measurements across splits: what a deeper edge buys ------------------------------------------
+
+MEASUREMENTS = "measurements.jsonl"
+
+
+def record_measurement(src: Any, split: int, quant: str, areq: Any, data_key: str, summary: dict[str, Any],
+                       bare: dict[str, Any], train_info: dict[str, Any]) -> None:
+    """Append this export's figures to the cache's measurement log (read by split advice)."""
+    import json
+
+    from quantize.exit_adapter import cache_dir
+
+    row = {"fingerprint": src.fingerprint(), "K": split, "quant": quant, "blocks": areq.blocks,
+           "data_key": data_key, "seed": areq.seed, "target_agreement": summary["target_agreement"],
+           "agreement_top1": summary["agreement_top1"], "default_tau": summary["default_tau"],
+           "exit_rate_at_target": summary["exit_rate_at_target"],
+           "spec_mean_accepted": summary["spec_mean_accepted"], "bare": bare,
+           "train_seconds": train_info.get("train_seconds"), "train_cpu_seconds": train_info.get("train_cpu_seconds")}
+    path = cache_dir() / MEASUREMENTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def load_measurements(fingerprint: str) -> list[dict[str, Any]]:
+    import json
+
+    from quantize.exit_adapter import cache_dir
+
+    path = cache_dir() / MEASUREMENTS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("fingerprint") == fingerprint:
+            rows.append(row)
+    return rows
+
+
+def block_macs(spec: Any) -> int:
+    d, hd, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
+    return d * (q_out + 2 * kv_out) + q_out * d + 3 * d * i
+
+
+def edge_cost_fraction(spec: Any, split: int, blocks: int) -> float:
+    """Edge multiply-accumulates per token (K + N blocks + LM head) over the full model's (L blocks + head)."""
+    head = spec.vocab_size * spec.hidden_size
+    return ((split + blocks) * block_macs(spec) + head) / (spec.n_layers * block_macs(spec) + head)
+
+
+def split_advice(spec: Any, fingerprint: str, quant: str, areq: Any, data_key: str, split: int,
+                 choice: Any = None) -> list[dict[str, Any]]:
+    """One row per candidate split: edge cost (compute, memory) against exit quality where measured.
+
+    Quality comes from this machine's measurement log (exports and tools/bench_exit.py append to
+    it); splits never measured show None rather than a guess."""
+    from quantize import budget as budget_mod
+
+    measured: dict[int, dict[str, Any]] = {}
+    for row in load_measurements(fingerprint):
+        if row.get("blocks") != areq.blocks or row.get("data_key") != data_key:
+            continue
+        prev = measured.get(row["K"])
+        if prev is None or row["quant"] == quant or prev["quant"] != quant:
+            measured[row["K"]] = row  # latest wins, same quant preferred
+    if choice is not None:
+        candidates = sorted({c.split for c in choice.table} | {split})
+    else:
+        candidates = sorted(set(budget_mod.split_grid(spec)) | {split} | set(measured))
+    rows = []
+    for k in candidates:
+        m = measured.get(k)
+        fits = None
+        if choice is not None:
+            fits = any(c.fits for c in choice.table if c.split == k and c.quant == quant)
+        rows.append({
+            "K": k, "chosen": k == split, "quant": quant,
+            "edge_compute_fraction": round(edge_cost_fraction(spec, k, areq.blocks), 3),
+            "edge_resident_mib": round(budget_mod.resident_bytes(spec, k + areq.blocks, quant) / budget_mod.MiB, 1),
+            "fits_budget": fits,
+            "agreement_top1": m["agreement_top1"] if m else None,
+            "exit_rate_at_target": m["exit_rate_at_target"] if m else None,
+            "spec_mean_accepted": m["spec_mean_accepted"] if m else None,
+            "bare_agreement_top1": m["bare"]["agreement_top1"] if m else None,
+            "measured_quant": m["quant"] if m else None,
+        })
+    return rows

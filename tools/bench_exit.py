@@ -1,0 +1,113 @@
+"""Exit quality per split: bare head vs exit adapter, through the real export + calibration path.
+
+    python tools/bench_exit.py                       # demo model, K = 10 15 20 24, Q8_0, 1 adapter block
+    python tools/bench_exit.py --splits 20 --exit-adapter 2 --calib-budget 30k
+
+For each K this runs `fogline export` (adapter training is cached in
+FOGLINE_CACHE_DIR, so a second run only re-measures) and prints, side by side,
+what the manifest's calibration measured with llama.cpp on the quantized edge
+GGUF over the held-out greedy answers (generated positions only): top-1
+agreement with the full model, the share of tokens that can exit at the target
+agreement, and the mean accepted length of greedy spec drafting at γ=4
+(counting the cloud's token) — for the bare head (final norm + LM head on
+h_K) and for the exit adapter — plus the adapter's training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default="demo")
+    ap.add_argument("--splits", default="10,15,20,24")
+    ap.add_argument("--quant", default="Q8_0")
+    ap.add_argument("--exit-adapter", type=int, default=1)
+    ap.add_argument("--calib-text", default=None)
+    ap.add_argument("--calib-budget", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-agreement", type=float, default=0.95)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    if args.exit_adapter < 1:
+        ap.error("--exit-adapter must be at least 1 (the bare head is measured alongside)")
+
+    from fogline.errors import FoglineError
+    from fogline.manifest import load_manifest
+    from quantize.export import ExportRequest, run_export
+    from quantize.source import load_source
+
+    splits = [int(k) for k in args.splits.split(",")]
+    src = load_source(args.source)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fogline-bench-") as tmp:
+            for k in splits:
+                t0 = time.time()
+                out = Path(tmp) / f"k{k}"
+                req = ExportRequest(source=args.source, out=out, split=k, quant=args.quant,
+                                    exit_adapter=args.exit_adapter, calib_text=args.calib_text,
+                                    calib_budget=args.calib_budget, seed=args.seed,
+                                    target_agreement=args.target_agreement, threads=args.threads,
+                                    progress=not args.no_progress)
+                run_export(req, log=lambda line: print("  " + line, file=sys.stderr, flush=True), source=src)
+                m = load_manifest(out / "edge")
+                c, a = m.calibration, m.exit_adapter
+                advice = next(r for r in c["split_advice"] if r["K"] == k)
+                rows.append({"K": k, "quant": args.quant, "blocks": a["blocks"],
+                             "edge_compute_fraction": advice["edge_compute_fraction"],
+                             "bare": c["bare_head"],
+                             "adapter": {key: c[key] for key in ("agreement_top1", "default_tau",
+                                                                  "exit_rate_at_target", "spec_mean_accepted")},
+                             "positions": c["positions"], "answers": c["answers"],
+                             "train_positions": a["train_positions"], "epochs": a["epochs"],
+                             "train_seconds": a["train_seconds"], "train_cpu_seconds": a["train_cpu_seconds"],
+                             "cached": a["cached"], "export_seconds": round(time.time() - t0, 1)})
+                print(f"  K={k} done in {rows[-1]['export_seconds']} s", file=sys.stderr, flush=True)
+    except FoglineError as e:
+        print(f"bench_exit: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        src.close()
+    print(format_table(rows, args.target_agreement))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def format_table(rows: list[dict], target: float) -> str:
+    if not rows:
+        return "(no rows)"
+    r0 = rows[0]
+    lines = [
+        f"exit quality on {r0['answers']} held-out greedy answers ({r0['positions']} generated positions), "
+        f"llama.cpp {r0['quant']}, target agreement {target:.0%}, spec γ=4 (tokens/round incl. the cloud's)",
+        f"{'':>3} {'':>6} | {'bare head':^27} | {'exit adapter (' + str(r0['blocks']) + ' block)':^34} | training",
+        f"{'K':>3} {'edge':>6} | {'agree':>7} {'exit@tgt':>9} {'spec':>7} | {'agree':>7} {'exit@tgt':>9} "
+        f"{'τ':>5} {'spec':>7}  | {'positions':>9} {'epochs':>6} {'wall s':>7} {'CPU s':>7}",
+    ]
+    for r in rows:
+        b, a = r["bare"], r["adapter"]
+        lines.append(
+            f"{r['K']:>3} {r['edge_compute_fraction']:>6.0%} | {b['agreement_top1']:>7.1%} "
+            f"{b['exit_rate_at_target']:>9.1%} {b['spec_mean_accepted']:>7.2f} | {a['agreement_top1']:>7.1%} "
+            f"{a['exit_rate_at_target']:>9.1%} {a['default_tau']:>5} {a['spec_mean_accepted']:>7.2f}  | "
+            f"{r['train_positions']:>9} {r['epochs']:>6} {r['train_seconds']:>7} {r['train_cpu_seconds']:>7}"
+            + ("  (cached)" if r["cached"] else ""))
+    lines.append("edge = edge multiply-accumulates per token (K + adapter blocks + LM head) / full model's")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
