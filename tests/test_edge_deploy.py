@@ -245,3 +245,34 @@ def test_notifier_never_blocks_on_a_full_socket(tmp_path):
     finally:
         sink.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the cloud daemon
+
+
+def test_cloud_serve_speaks_sd_notify(demo_bundle, tmp_path):
+    """`fogline cloud serve`: READY=1 once the deep layers are loaded and it listens, STOPPING=1 on SIGTERM."""
+    import subprocess
+    import sys
+
+    from edge_server_util import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    listener = NotifyListener()
+    log = tmp_path / "cloud.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=listener.path)
+    with open(log, "wb") as f:
+        cloud = subprocess.Popen([sys.executable, "-m", "fogline.cli", "cloud", "serve", "--bundle",
+                                  str(demo_bundle / "cloud"), "--port", str(port), "--threads", "1"],
+                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        listener.wait_for("READY=1", timeout=120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    finally:
+        cloud.terminate()
+        assert cloud.wait(30) == 0, log.read_text()
+        listener.wait_for("STOPPING=1", timeout=10)
+        listener.close()
