@@ -320,14 +320,14 @@ class Engine:
         exactly — KV cells, tokens, h_K rows — and continues from the correction. `applied` runs on
         the engine thread once this is done (a source syncs its own state there)."""
         def apply(seq: _Sequence) -> None:
-            self._apply_verdict(seq, start, accepted, correction)
-        self._queue_control(request_id, apply, applied)
+            self._apply_verdict(seq, start, accepted, correction, applied)
+        self._queue_control(request_id, apply, None)
 
     def fall_back(self, request_id: str, reason: str, applied: Callable[[], None] | None = None) -> None:
         """The cloud failed this request: emit its held drafts as edge tokens and finish in edge mode."""
         def apply(seq: _Sequence) -> None:
-            self._apply_fallback(seq, reason)
-        self._queue_control(request_id, apply, applied)
+            self._apply_fallback(seq, reason, applied)
+        self._queue_control(request_id, apply, None)
 
     def _queue_control(self, request_id: str, apply: Callable[[_Sequence], None],
                        applied: Callable[[], None] | None) -> None:
@@ -506,13 +506,16 @@ class Engine:
         else:
             self._accept(seq, choice)
 
-    def _apply_verdict(self, seq: _Sequence, start: int, accepted: int, correction: TokenChoice) -> None:
+    def _apply_verdict(self, seq: _Sequence, start: int, accepted: int, correction: TokenChoice,
+                       applied: Callable[[], None] | None = None) -> None:
+        """`applied` runs once the verdict is settled and before the source is asked to decide
+        again: a source that re-decides while it still believes a verdict is in flight parks forever."""
         rid = seq.req.request_id
         first = len(seq.tokens) - len(seq.held)  # position of the first held draft
         if start != first or accepted > len(seq.held):
             log.error("verdict for %s at %d (+%d) does not match its held drafts at %d (+%d)",
                       rid, start, accepted, first, len(seq.held))
-            self._apply_fallback(seq, "cloud verdict out of step with the edge")
+            self._apply_fallback(seq, "cloud verdict out of step with the edge", applied)
             return
         keep = accepted < len(seq.held) and seq.held[accepted].token == correction.token
         emit, seq.held = seq.held[:accepted], seq.held[accepted + 1:] if keep else []
@@ -523,6 +526,8 @@ class Engine:
             self.ctx.remove(seq.slot, cut)
             if seq.hidden is not None:
                 seq.hidden.truncate(cut)
+        if applied is not None:
+            applied()
         for ch in emit + ([correction] if keep else []):
             self._accept(seq, ch, append=False)
             if rid not in self._running:
@@ -534,12 +539,14 @@ class Engine:
             step, seq.parked, seq.parked_step = seq.parked_step, False, None
             self._decide(seq, step)
 
-    def _apply_fallback(self, seq: _Sequence, reason: str) -> None:
+    def _apply_fallback(self, seq: _Sequence, reason: str, applied: Callable[[], None] | None = None) -> None:
         rid = seq.req.request_id
         seq.stats.fallback = reason
         seq.source.release(seq.req)
         seq.source = self._sources["edge"]
         held, seq.held = seq.held, []
+        if applied is not None:
+            applied()
         for ch in held:
             self._accept(seq, ch, append=False)
             if rid not in self._running:
