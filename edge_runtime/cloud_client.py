@@ -31,7 +31,7 @@ import aiohttp
 import numpy as np
 
 from fogline.wire.codecs import INT8_BLOCK_DEFAULT, Codec, encode_hidden
-from fogline.wire.errors import BadFrame, LinkDown, ProtocolError, ShuttingDown, error_from_code
+from fogline.wire.errors import BadFrame, LinkDown, MismatchError, ProtocolError, ShuttingDown, error_from_code
 from fogline.wire.protocol import (GREEDY, Ack, Append, Bye, Close, Error, Hello, HelloOk, Infer, Message, Ping,
                                    Pong, Sampling, TokenReply, Truncate, Verdict, Verify, decode_frame,
                                    encode_frame)
@@ -114,13 +114,18 @@ class CloudLink:
                 await ws.close()
                 raise LinkDown(f"cloud closed the connection during the handshake "
                                f"(code {ws.close_code}, {m.extra or m.type.name})")
-            reply = decode_frame(m.data, 64 << 20)
-            if isinstance(reply, Error):
+            try:
+                reply = decode_frame(m.data, 64 << 20)
+                if isinstance(reply, Error):
+                    raise error_from_code(reply.code, reply.message)
+                if not isinstance(reply, HelloOk):
+                    raise BadFrame(f"cloud answered hello with {reply.KIND}")
+                if (reply.fingerprint, reply.split) != (self.fingerprint, self.split):
+                    raise MismatchError(f"cloud serves model {reply.fingerprint[:12]} K={reply.split}; this edge "
+                                        f"has {self.fingerprint[:12]} K={self.split}")
+            except ProtocolError:
                 await ws.close()
-                raise error_from_code(reply.code, reply.message)
-            if not isinstance(reply, HelloOk):
-                await ws.close()
-                raise BadFrame(f"cloud answered hello with {reply.KIND}")
+                raise
             self._ws, self.info, self.bye = ws, reply, None
             self._reader = asyncio.get_running_loop().create_task(self._read(ws), name="fogline-cloud-reader")
             log.info("connected to %s (%s, K=%d)", self.url, reply.server, reply.split)
