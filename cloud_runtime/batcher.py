@@ -244,7 +244,7 @@ class Batcher:
         t0 = time.perf_counter()
         segments = [Segment(torch.from_numpy(s.hidden), s.session.cache, s.start) for s in batch]
         normed = self.model.forward_ragged(segments)
-        offsets, rows = [], []
+        rows: list[int] = []
         off = 0
         for s in batch:
             if s.logit_rows == "last":

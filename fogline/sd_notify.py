@@ -33,7 +33,7 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("fogline.sd_notify")
 

@@ -47,6 +47,12 @@ def demo_bundle_k10_q4(tmp_path_factory, demo_source) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_bundle_f32(tmp_path_factory, demo_source) -> Path:
+    """K=20 with an F32 edge: the split whose cloud/spec output must equal the full model's."""
+    return export_demo(tmp_path_factory.mktemp("bundles"), demo_source, DEMO_SPLIT, "F32")
+
+
+@pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO_SPLIT, export_demo
+from tests.conftest import DEMO_SPLIT
 
 N_NEW = 64
 PROMPTS = [
@@ -45,8 +45,8 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def f32_bundle(tmp_path_factory, demo_source) -> Path:
-    return export_demo(tmp_path_factory.mktemp("cloudmode"), demo_source, DEMO_SPLIT, "F32")
+def f32_bundle(demo_bundle_f32) -> Path:
+    return demo_bundle_f32
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_SPLIT, export_demo
 from tests.edge_server_util import REPO, start_edge_server
 
 PROMPTS = [
@@ -95,8 +94,8 @@ class Cloud:
 
 
 @pytest.fixture(scope="module")
-def f32_bundle(tmp_path_factory, demo_source) -> Path:
-    return export_demo(tmp_path_factory.mktemp("collab"), demo_source, DEMO_SPLIT, "F32")
+def f32_bundle(demo_bundle_f32) -> Path:
+    return demo_bundle_f32
 
 
 @pytest.fixture(scope="module")

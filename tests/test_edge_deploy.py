@@ -12,7 +12,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_runtime.policy import (EDGE, Arm, AutoPolicy, DeviceState, Measurements, Outcome,  # noqa: E402
+from edge_runtime.policy import (Arm, AutoPolicy, DeviceState, Measurements, Outcome,  # noqa: E402
                                  PolicyConfig)
 
 
