@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--split", default="20")
     ap.add_argument("--quant", default="Q8_0")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--calib-budget", default="30k,5m",
+                    help="exit-adapter training budget for the export (tokens, time cap); cached afterwards")
     args = ap.parse_args()
     out = (REPO / args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ def main() -> int:
     else:
         print(f"== 1. export the demo model (SmolLM2-135M-Instruct) at K={args.split}, {args.quant}", flush=True)
         subprocess.run([*FOGLINE, "export", "--source", "demo", "--split", args.split, "--quant", args.quant,
-                        "--out", str(out), "--force"], check=True, cwd=REPO)
+                        "--calib-budget", args.calib_budget, "--out", str(out), "--force"], check=True, cwd=REPO)
     subprocess.run([*FOGLINE, "inspect", str(out)], check=True, cwd=REPO)
 
     cloud_port, edge_port = free_port(), free_port()
