@@ -244,7 +244,7 @@ class CalibrationSet:
 class DataConfig:
     """What decides the calibration data (everything here is part of its cache key)."""
 
-    train_tokens: int = 60_000  # stop generating training answers past this many tokens
+    train_tokens: int | None = None  # training answer tokens; None: one answer per training prompt
     heldout_prompts: int = 64  # held-out prompts answered greedily (at most)
     max_new_tokens: int = 160
     temperature: float = 0.8
@@ -323,13 +323,16 @@ def build_calibration_set(full_gguf: Path, tokenizer: Any, fingerprint: str, pro
 
 
 MAX_PROMPT_TOKENS = 384
+MAX_PASSES = 8  # a token budget larger than one answer per prompt reuses prompts up to this often
 
 
 def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: bool, token_budget: int | None,
              desc: str, progress: bool = True, threads: int | None = None) -> list[Sample]:
     """Answer prompts with continuous batching over `cfg.n_parallel` llama.cpp sequences.
 
-    Sampling uses one RNG per prompt (seeded by `cfg.seed` and the prompt's index).
+    Sampling uses one RNG per answer (seeded by `cfg.seed` and the answer's index).
+    With a token budget, training prompts are answered again (new samples) until
+    the budget is met, at most MAX_PASSES times each.
     Stops once `token_budget` answer tokens exist; the answers then in flight are
     kept as they are (prefixes of the full model's answers).
     """
@@ -337,7 +340,9 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
 
     from edge_runtime.llama_backend import BatchRow, LlamaContext
 
-    n_par = min(cfg.n_parallel, len(prompts))
+    # With a token budget, prompts are answered again (fresh samples) until it is met.
+    n_jobs = len(prompts) * (MAX_PASSES if token_budget is not None and not greedy else 1)
+    n_par = min(cfg.n_parallel, n_jobs)
     seq_ctx = MAX_PROMPT_TOKENS + cfg.max_new_tokens + 8
     ctx = LlamaContext(model, n_ctx=seq_ctx * n_par, n_batch=512, n_seq=n_par, n_threads=threads)
     results: dict[int, Sample] = {}
@@ -349,11 +354,11 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
     try:
         while True:
             for s in range(n_par):  # refill free slots
-                if slots[s] is None and next_prompt < len(prompts):
+                if slots[s] is None and next_prompt < n_jobs:
                     i = next_prompt
                     next_prompt += 1
                     ctx.remove(s)
-                    slots[s] = {"i": i, "pending": list(prompts[i]), "pos": 0, "answer": [], "ids": [], "logp": [],
+                    slots[s] = {"i": i, "pending": list(prompts[i % len(prompts)]), "pos": 0, "answer": [], "ids": [], "logp": [],
                                 "rng": np.random.default_rng([cfg.seed, i])}
             active = [s for s in range(n_par) if slots[s] is not None]
             if not active:
@@ -390,7 +395,7 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
                 produced += 1
                 bar.update(1)
                 if model.is_eog(tok) or len(st["answer"]) >= cfg.max_new_tokens:
-                    results[st["i"]] = _finish(prompts[st["i"]], st, greedy)
+                    results[st["i"]] = _finish(prompts[st["i"] % len(prompts)], st, greedy)
                     slots[s] = None
                 else:
                     st["pending"] = [tok]
@@ -400,7 +405,7 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
                 for s in range(n_par):
                     st = slots[s]
                     if st is not None and st["answer"]:
-                        results[st["i"]] = _finish(prompts[st["i"]], st, greedy)
+                        results[st["i"]] = _finish(prompts[st["i"] % len(prompts)], st, greedy)
                     slots[s] = None
                 break
     finally:

@@ -313,4 +313,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"  cloud: {req.out / 'cloud'}  layers [{cloud_m.split}, {cloud_m.n_layers})  {cloud_m.quant}  "
           f"argmax agreement {v['cloud_argmax_agreement']:.0%} over {v['positions']} positions")
     print(f"  fingerprint {edge_m.fingerprint[:16]}…  ({v['export_seconds']} s)")
+    from fogline.inspect import describe_exit
+
+    for line in describe_exit(edge_m):
+        print("  " + line)
     return 0
