@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: a built-in set of 400 prompts. The full model writes the answers.")
     g.add_argument("--calib-budget", metavar="BUDGET",
                    help="training tokens to generate (e.g. 60k) and/or a training time cap (e.g. 8m), "
-                        "e.g. '30k,5m'; default 60k tokens, no time cap")
+                        "e.g. '30k,5m'; default: one sampled answer per training prompt (~44k tokens for the "
+                        "built-in set), no time cap")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and training (default 0)")
     g.add_argument("--target-agreement", type=float, default=0.95,
                    help="agreement with the full model that the default exit threshold must reach (default 0.95)")
