@@ -265,7 +265,8 @@ class _CloudSource:
         st.recorded = upto
         return rows
 
-    def _too_long(self, step: ExitStep, st: _Req) -> str | None:
+    def _cloud_blocker(self, step: ExitStep, st: _Req) -> str | None:
+        """Why this step cannot use the cloud (None: it can)."""
         if step.hidden is None:
             return "this request keeps no h_K (capture off)"
         if st.failed:
@@ -273,6 +274,15 @@ class _CloudSource:
         if st.recorded == 0 and not self.bridge.connected and self.bridge.last_error is not None:
             return f"cloud unreachable: {self.bridge.last_error}"
         return None
+
+    def _stay_on_edge(self, step: ExitStep, st: _Req, why: str) -> bool:
+        """Mark the request edge-only; its first reason (not "cloud failed earlier") goes into
+        its stats. True if this call is that first time."""
+        if st.failed:
+            return False
+        st.failed = True
+        step.stats.fallback = why
+        return True
 
     def _fail(self, rid: str, st: _Req, why: str) -> None:
         st.failed = True
@@ -327,10 +337,8 @@ class CloudModeSource(_CloudSource):
 
     def decide(self, step: ExitStep) -> TokenChoice | None:
         st = self._state(step)
-        if (why := self._too_long(step, st)) is not None:
-            if not st.failed:  # keep the first reason, not "cloud failed earlier"
-                st.failed = True
-                step.stats.fallback = why
+        if (why := self._cloud_blocker(step, st)) is not None:
+            self._stay_on_edge(step, st, why)
             return self._edge_choice(step)
         self._infer(step, st, self._rows(step, st, step.position))
         return None
@@ -347,10 +355,8 @@ class CollabSource(_CloudSource):
     def decide(self, step: ExitStep) -> TokenChoice | None:
         st = self._state(step)
         choice = self._edge_choice(step)
-        if (why := self._too_long(step, st)) is not None:
-            if not st.failed:
-                st.failed = True
-                step.stats.fallback = why
+        if (why := self._cloud_blocker(step, st)) is not None:
+            self._stay_on_edge(step, st, why)
             return choice
         tau = step.request.tau if step.request.tau is not None else self.bridge.tau
         if choice.confidence >= tau:
@@ -370,13 +376,10 @@ class SpecSource(_CloudSource):
     def decide(self, step: ExitStep) -> TokenChoice | Draft | None:
         st = self._state(step)
         choice = self._edge_choice(step)
-        if (why := self._too_long(step, st)) is not None:
-            if not st.failed:
-                st.failed = True
-                step.stats.fallback = why
-                if step.held:  # cannot happen before the first verify; be safe
-                    self.engine.fall_back(step.request.request_id, why)
-                    return None
+        if (why := self._cloud_blocker(step, st)) is not None:
+            if self._stay_on_edge(step, st, why) and step.held:  # cannot happen before the first verify; be safe
+                self.engine.fall_back(step.request.request_id, why)
+                return None
             return choice
         now = time.monotonic()
         if st.t_last and step.held:
