@@ -75,3 +75,73 @@ def demo_hf_dir(tmp_path_factory, demo_source) -> Path:
     build_reference_model(demo_source).save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(demo_source.tokenizer_dir).save_pretrained(out)
     return out
+
+
+# ---- the full model's greedy answers: what cloud / spec output must equal --------------------
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg?",
+    "Tell me a joke about computers.",
+]
+REFERENCE_TOKENS = 64  # issue 4: >= 64 tokens in cloud mode
+# A divergence is tolerated only where the full model itself is at a numerical tie: its top-2
+# logits closer than this (fp32 llama.cpp and PyTorch sum in different orders; the measured
+# logit noise between the two pipelines is ~1e-4).
+TIE_GAP = 2e-3
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machine's cores are shared: OpenMP barriers across busy cores cost 4-6x."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(demo_bundle_f32) -> list[list[int]]:
+    """CHAT_PROMPTS as chat-templated token ids (the edge and the reference see the same input)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_bundle_f32 / "cloud")
+    out = []
+    for p in CHAT_PROMPTS:
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        out.append(list(tok(text, add_special_tokens=False).input_ids))
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_reference(demo_source, chat_prompts) -> list[tuple[list[int], list[float]]]:
+    """Full HF model, greedy, ignoring EOS, its own KV cache: per prompt (REFERENCE_TOKENS tokens,
+    the top-2 logit gap at each step). Computed once per session."""
+    import torch
+
+    from quantize.verify import build_reference_model
+
+    model = build_reference_model(demo_source)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    results = []
+    try:
+        with torch.inference_mode():
+            for ids in chat_prompts:
+                out = model(torch.tensor([ids]), use_cache=True)
+                toks, gaps = [], []
+                for _ in range(REFERENCE_TOKENS):
+                    logits = out.logits[0, -1].float()
+                    top2 = torch.topk(logits, 2).values
+                    toks.append(int(logits.argmax()))
+                    gaps.append(float(top2[0] - top2[1]))
+                    out = model(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                results.append((toks, gaps))
+    finally:
+        torch.set_num_threads(old)
+    return results

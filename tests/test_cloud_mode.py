@@ -16,72 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO_SPLIT
+from tests.conftest import DEMO_SPLIT, REFERENCE_TOKENS, TIE_GAP
 
-N_NEW = 64
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child.",
-    "List three uses of a paperclip.",
-    "How do I boil an egg?",
-    "Tell me a joke about computers.",
-]
-# A divergence is tolerated only where the full model itself is at a numerical tie:
-# its top-2 logits closer than this (fp32 llama.cpp and PyTorch sum in different orders;
-# the measured logit noise between the two pipelines is ~1e-4).
-TIE_GAP = 2e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The test machine's cores are shared: OpenMP barriers across busy cores cost 4-6x."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def f32_bundle(demo_bundle_f32) -> Path:
-    return demo_bundle_f32
-
-
-@pytest.fixture(scope="module")
-def prompts(f32_bundle) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(f32_bundle / "cloud")
-    out = []
-    for p in PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        out.append(list(tok(text, add_special_tokens=False).input_ids))
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(demo_source, prompts) -> list[tuple[list[int], list[float]]]:
-    """Full HF model, greedy, its own KV cache: (tokens, top-2 logit gap at each step)."""
-    import torch
-
-    from quantize.verify import build_reference_model
-
-    model = build_reference_model(demo_source)
-    results = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model(torch.tensor([ids]), use_cache=True)
-            toks, gaps = [], []
-            for _ in range(N_NEW):
-                logits = out.logits[0, -1].float()
-                top2 = torch.topk(logits, 2).values
-                toks.append(int(logits.argmax()))
-                gaps.append(float(top2[0] - top2[1]))
-                out = model(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            results.append((toks, gaps))
-    return results
+N_NEW = REFERENCE_TOKENS
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 async def _start_cloud(aiohttp_server, bundle: Path, **kw):
@@ -108,18 +46,18 @@ def _edge(bundle: Path, n_seq: int = 1):
     return model, ctx
 
 
-async def _cloud_mode_batch(ctx, link, prompts: list[list[int]], forced: list[list[int]] | None = None):
-    """Cloud mode for all prompts at once: one llama.cpp sequence and one cloud session per
+async def _cloud_mode_batch(ctx, link, chat_prompts: list[list[int]], forced: list[list[int]] | None = None):
+    """Cloud mode for all chat_prompts at once: one llama.cpp sequence and one cloud session per
     prompt; each step decodes one token per sequence in one edge batch and asks the cloud for
     all next tokens concurrently (so its batcher runs them in one deep-layer pass).
     With `forced`, the edge feeds those tokens instead of the cloud's (teacher forcing)."""
     from edge_runtime.cloud_generation import CloudSession
     from edge_runtime.llama_backend import BatchRow, prefill
 
-    sessions = [CloudSession(link) for _ in prompts]
-    h = [await asyncio.to_thread(prefill, ctx, ids, i, 0, True) for i, ids in enumerate(prompts)]
+    sessions = [CloudSession(link) for _ in chat_prompts]
+    h = [await asyncio.to_thread(prefill, ctx, ids, i, 0, True) for i, ids in enumerate(chat_prompts)]
     h = [r.hidden for r in h]
-    out: list[list[int]] = [[] for _ in prompts]
+    out: list[list[int]] = [[] for _ in chat_prompts]
     for t in range(N_NEW):
         results = await asyncio.gather(*(cs.infer(rows) for cs, rows in zip(sessions, h)))
         for i, r in enumerate(results):
@@ -127,27 +65,27 @@ async def _cloud_mode_batch(ctx, link, prompts: list[list[int]], forced: list[li
         if t == N_NEW - 1:
             break
         feed = [f[t] for f in forced] if forced else [r.token for r in results]
-        rows = [BatchRow(tok, len(ids) + t, i, True) for i, (tok, ids) in enumerate(zip(feed, prompts))]
+        rows = [BatchRow(tok, len(ids) + t, i, True) for i, (tok, ids) in enumerate(zip(feed, chat_prompts))]
         res = await asyncio.to_thread(ctx.decode, rows, True)
-        h = [res.hidden[i:i + 1] for i in range(len(prompts))]
+        h = [res.hidden[i:i + 1] for i in range(len(chat_prompts))]
     await asyncio.gather(*(cs.close() for cs in sessions))
     return out, sessions
 
 
-async def test_cloud_mode_greedy_matches_full_model(aiohttp_server, f32_bundle, prompts, reference):
+async def test_cloud_mode_greedy_matches_full_model(aiohttp_server, demo_bundle_f32, chat_prompts, full_reference):
     from cloud_runtime.server import RUNTIME
     from edge_runtime.cloud_generation import LlamaEdgeStep, generate_cloud
 
-    server = await _start_cloud(aiohttp_server, f32_bundle, batch_window_ms=20.0)
-    link = _link(server, f32_bundle, "fp16")
-    model, ctx = _edge(f32_bundle, n_seq=len(prompts))
+    server = await _start_cloud(aiohttp_server, demo_bundle_f32, batch_window_ms=20.0)
+    link = _link(server, demo_bundle_f32, "fp16")
+    model, ctx = _edge(demo_bundle_f32, n_seq=len(chat_prompts))
     try:
-        outputs, _ = await _cloud_mode_batch(ctx, link, prompts)
+        outputs, _ = await _cloud_mode_batch(ctx, link, chat_prompts)
         passes = server.app[RUNTIME].batcher.passes
         # the single-sequence helper the edge engine uses, on the first prompt
-        single_model, single_ctx = _edge(f32_bundle)
+        single_model, single_ctx = _edge(demo_bundle_f32)
         try:
-            single = [r.token async for r in generate_cloud(LlamaEdgeStep(single_ctx), link, prompts[0], N_NEW)]
+            single = [r.token async for r in generate_cloud(LlamaEdgeStep(single_ctx), link, chat_prompts[0], N_NEW)]
         finally:
             single_ctx.close()
             single_model.close()
@@ -156,7 +94,7 @@ async def test_cloud_mode_greedy_matches_full_model(aiohttp_server, f32_bundle, 
         ctx.close()
         model.close()
     identical, report = 0, []
-    for ours, (ref_toks, gaps) in zip(outputs + [single], reference + [reference[0]]):
+    for ours, (ref_toks, gaps) in zip(outputs + [single], full_reference + [full_reference[0]]):
         assert len(ours) == N_NEW
         first = next((i for i, (a, b) in enumerate(zip(ours, ref_toks)) if a != b), None)
         if first is None:
@@ -167,40 +105,40 @@ async def test_cloud_mode_greedy_matches_full_model(aiohttp_server, f32_bundle, 
             f"cloud mode diverged from the full model at token {first} where the full model's top-2 "
             f"logit gap is {gaps[first]:.4f} (not a tie): ours {ours[first]} vs {ref_toks[first]}")
     print(f"\ncloud mode (fp16 codec): {identical}/{len(outputs) + 1} generations token-identical to the full "
-          f"model for {N_NEW} tokens ({len(prompts)} prompts batched in {passes} deep-layer passes, + prompt 0 "
+          f"model for {N_NEW} tokens ({len(chat_prompts)} chat_prompts batched in {passes} deep-layer passes, + prompt 0 "
           f"alone); divergences at numerical ties (token, gap): {report}")
     assert identical >= 5
-    assert passes < len(prompts) * N_NEW  # sessions really shared forward passes
+    assert passes < len(chat_prompts) * N_NEW  # sessions really shared forward passes
 
 
-async def test_int8_codec_agreement(aiohttp_server, f32_bundle, prompts, reference):
+async def test_int8_codec_agreement(aiohttp_server, demo_bundle_f32, chat_prompts, full_reference):
     """Teacher-forced: the edge feeds the full model's tokens, the cloud predicts each next one
     from int8-coded h_K; agreement = fraction of positions where it picks the full model's token."""
-    server = await _start_cloud(aiohttp_server, f32_bundle, batch_window_ms=20.0)
-    link = _link(server, f32_bundle, "int8")
-    model, ctx = _edge(f32_bundle, n_seq=len(prompts))
+    server = await _start_cloud(aiohttp_server, demo_bundle_f32, batch_window_ms=20.0)
+    link = _link(server, demo_bundle_f32, "int8")
+    model, ctx = _edge(demo_bundle_f32, n_seq=len(chat_prompts))
     try:
-        outputs, _ = await _cloud_mode_batch(ctx, link, prompts, forced=[r[0] for r in reference])
+        outputs, _ = await _cloud_mode_batch(ctx, link, chat_prompts, forced=[r[0] for r in full_reference])
     finally:
         await link.close()
         ctx.close()
         model.close()
-    agree = sum(a == b for ours, (ref, _) in zip(outputs, reference) for a, b in zip(ours, ref))
-    total = len(prompts) * N_NEW
-    prefix = [next((i for i, (a, b) in enumerate(zip(o, r[0])) if a != b), N_NEW) for o, r in zip(outputs, reference)]
+    agree = sum(a == b for ours, (ref, _) in zip(outputs, full_reference) for a, b in zip(ours, ref))
+    total = len(chat_prompts) * N_NEW
+    prefix = [next((i for i, (a, b) in enumerate(zip(o, r[0])) if a != b), N_NEW) for o, r in zip(outputs, full_reference)]
     print(f"\nint8 codec (block 64): next-token agreement with the full model {agree / total:.1%} over {total} "
           f"teacher-forced positions; first disagreement per prompt {prefix}")
     assert agree / total >= 0.95
 
 
-def test_hidden_codecs_round_trip_on_real_h_k(f32_bundle, prompts):
+def test_hidden_codecs_round_trip_on_real_h_k(demo_bundle_f32, chat_prompts):
     """Round-trip error of each codec on real h_K rows (massive-activation outliers included)."""
     from edge_runtime.llama_backend import prefill
     from fogline.wire.codecs import decode_hidden, encode_hidden
 
-    model, ctx = _edge(f32_bundle)
+    model, ctx = _edge(demo_bundle_f32)
     try:
-        h = prefill(ctx, prompts[0], capture_hidden=True).hidden
+        h = prefill(ctx, chat_prompts[0], capture_hidden=True).hidden
     finally:
         ctx.close()
         model.close()
@@ -214,7 +152,7 @@ def test_hidden_codecs_round_trip_on_real_h_k(f32_bundle, prompts):
     assert errs["int8/32"] <= errs["int8/64"] < 2e-2
 
 
-async def test_full_model_endpoint_streams_the_full_model(aiohttp_client, demo_source, prompts, reference):
+async def test_full_model_endpoint_streams_the_full_model(aiohttp_client, demo_source, chat_prompts, full_reference):
     """The `cloud-only` baseline (cloud_runtime/full_model.py): all layers at the cloud, token ids
     up, tokens streamed down over a websocket; greedy output is the HF full model's."""
     import json
@@ -225,7 +163,7 @@ async def test_full_model_endpoint_streams_the_full_model(aiohttp_client, demo_s
     client = await aiohttp_client(create_app(load_deep_model(demo_source.spec, 0, demo_source.state), "demo"))
     ws = await client.ws_connect("/v1/generate")
     identical = 0
-    for ids, (ref_toks, gaps) in zip(prompts[:3], reference[:3]):
+    for ids, (ref_toks, gaps) in zip(chat_prompts[:3], full_reference[:3]):
         await ws.send_str(json.dumps({"prompt": ids, "max_tokens": N_NEW}))
         toks = []
         while "done" not in (msg := json.loads((await ws.receive()).data)):

@@ -14,16 +14,7 @@ import pytest
 from tests.conftest import DEMO_SPLIT
 
 D = 576  # SmolLM2-135M hidden size
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

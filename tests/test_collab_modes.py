@@ -25,19 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REFERENCE_TOKENS, TIE_GAP
 from tests.edge_server_util import REPO, start_edge_server
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child.",
-    "List three uses of a paperclip.",
-    "How do I boil an egg?",
-    "Tell me a joke about computers.",
-]
-N_CLOUD = 64  # issue 4: >= 64 tokens in cloud mode
+N_CLOUD = REFERENCE_TOKENS
 N_SPEC = 32
-TIE_GAP = 2e-3  # a divergence is tolerated only where the full model is at a numerical tie
 
 
 def _free_port() -> int:
@@ -94,49 +86,8 @@ class Cloud:
 
 
 @pytest.fixture(scope="module")
-def f32_bundle(demo_bundle_f32) -> Path:
-    return demo_bundle_f32
-
-
-@pytest.fixture(scope="module")
-def prompts(f32_bundle) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(f32_bundle / "cloud")
-    out = []
-    for p in PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        out.append(list(tok(text, add_special_tokens=False).input_ids))
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(demo_source, prompts) -> list[tuple[list[int], list[float]]]:
-    """Full HF model, greedy, ignoring EOS: (tokens, top-2 logit gap at each step)."""
-    import torch
-
-    from quantize.verify import build_reference_model
-
-    torch.set_num_threads(1)
-    model = build_reference_model(demo_source)
-    results = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model(torch.tensor([ids]), use_cache=True)
-            toks, gaps = [], []
-            for _ in range(N_CLOUD):
-                logits = out.logits[0, -1].float()
-                top2 = torch.topk(logits, 2).values
-                toks.append(int(logits.argmax()))
-                gaps.append(float(top2[0] - top2[1]))
-                out = model(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            results.append((toks, gaps))
-    return results
-
-
-@pytest.fixture(scope="module")
-def cloud(f32_bundle, tmp_path_factory):
-    c = Cloud(f32_bundle, _free_port(), tmp_path_factory.mktemp("cloudlog") / "cloud.log")
+def cloud(demo_bundle_f32, tmp_path_factory):
+    c = Cloud(demo_bundle_f32, _free_port(), tmp_path_factory.mktemp("cloudlog") / "cloud.log")
     c.start()
     yield c
     c.stop()
@@ -160,8 +111,8 @@ def _wait_connected(edge, timeout: float = 60.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def edge(f32_bundle, cloud, tmp_path_factory):
-    srv = start_edge_server(f32_bundle / "edge", tmp_path_factory.mktemp("edgelog") / "edge.log",
+def edge(demo_bundle_f32, cloud, tmp_path_factory):
+    srv = start_edge_server(demo_bundle_f32 / "edge", tmp_path_factory.mktemp("edgelog") / "edge.log",
                             env=_edge_env(f"ws://127.0.0.1:{cloud.port}/ws", FOGLINE_EDGE_CLOUD_DEADLINE_MS="90000"))
     _wait_connected(srv)
     yield srv
@@ -174,81 +125,77 @@ def _client(edge):
     return OpenAI(base_url=edge.v1, api_key="unused", max_retries=0, timeout=600)
 
 
-def _complete(edge, ids: list[int], n: int, mode: str, **extra) -> tuple[list[int], dict]:
-    """Greedy completion; returns the generated token ids (from logprobs-free token stream) and stats."""
+def _complete(edge, ids: list[int], n: int, mode: str, **extra) -> tuple[str, dict]:
+    """Greedy completion: (generated text, the `fogline` stats)."""
     r = _client(edge).completions.create(model="fogline-edge-k20", prompt=ids, max_tokens=n, temperature=0,
                                          extra_body={"mode": mode, "ignore_eos": True,
                                                      **extra})
-    return _token_ids(edge, r), r.model_extra["fogline"]
-
-
-def _token_ids(edge, r) -> list[int]:
-    """The edge returns text; re-tokenising text is lossy, so compare through the tokenizer's
-    decode of the reference instead (see _assert_matches)."""
-    return r.choices[0].text  # type: ignore[return-value]
+    # text, not token ids: re-tokenising is lossy, so _assert_matches compares with the
+    # tokenizer's decode of the reference instead
+    return r.choices[0].text, r.model_extra["fogline"]
 
 
 _tok = None
 
 
-def _decode(f32_bundle: Path, ids: list[int]) -> str:
+def _decode(demo_bundle_f32: Path, ids: list[int]) -> str:
     global _tok
     if _tok is None:
         from transformers import AutoTokenizer
 
-        _tok = AutoTokenizer.from_pretrained(f32_bundle / "cloud")
+        _tok = AutoTokenizer.from_pretrained(demo_bundle_f32 / "cloud")
     return _tok.decode(ids, skip_special_tokens=True)  # the edge renders special tokens as ""
 
 
-def _assert_matches(f32_bundle, text: str, ref: tuple[list[int], list[float]], n: int) -> bool:
+def _assert_matches(demo_bundle_f32, text: str, ref: tuple[list[int], list[float]], n: int) -> bool:
     """True if identical; a difference is allowed only after a numerical tie of the full model."""
     toks, gaps = ref
-    if text == _decode(f32_bundle, toks[:n]):
+    if text == _decode(demo_bundle_f32, toks[:n]):
         return True
     # find the first reference token whose prefix no longer matches the text
     for i in range(n):
-        if not text.startswith(_decode(f32_bundle, toks[:i + 1])):
+        if not text.startswith(_decode(demo_bundle_f32, toks[:i + 1])):
             assert gaps[i] < TIE_GAP, (f"diverged from the full model at token {i} (gap {gaps[i]:.4f}, not a tie): "
-                                       f"{text!r} vs {_decode(f32_bundle, toks[:n])!r}")
+                                       f"{text!r} vs {_decode(demo_bundle_f32, toks[:n])!r}")
             return False
     return True
 
 
-def test_cloud_mode_through_the_edge_daemon_matches_full_model(edge, f32_bundle, prompts, reference):
-    with ThreadPoolExecutor(len(prompts)) as ex:
-        outs = list(ex.map(lambda ids: _complete(edge, ids, N_CLOUD, "cloud"), prompts))
+def test_cloud_mode_through_the_edge_daemon_matches_full_model(edge, demo_bundle_f32, chat_prompts, full_reference):
+    with ThreadPoolExecutor(len(chat_prompts)) as ex:
+        outs = list(ex.map(lambda ids: _complete(edge, ids, N_CLOUD, "cloud"), chat_prompts))
     identical = 0
-    for (text, stats), ref in zip(outs, reference):
+    for (text, stats), ref in zip(outs, full_reference):
         assert stats["mode"] == "cloud" and stats["fallback"] is None, stats
         assert stats["cloud_tokens"] == N_CLOUD and stats["edge_tokens"] == 0
-        identical += _assert_matches(f32_bundle, text, ref, N_CLOUD)
-    print(f"\ncloud mode via HTTP (fp16): {identical}/{len(prompts)} identical to the full model for {N_CLOUD} tokens")
+        identical += _assert_matches(demo_bundle_f32, text, ref, N_CLOUD)
+    print(f"\ncloud mode via HTTP (fp16): {identical}/{len(chat_prompts)} identical to the full model for {N_CLOUD} tokens")
     assert identical >= 5
 
 
-def test_spec_mode_matches_full_model(edge, cloud, f32_bundle, prompts, reference):
+def test_spec_mode_matches_full_model(edge, cloud, demo_bundle_f32, chat_prompts, full_reference):
     repeat0 = cloud.metric("fogline_cloud_hidden_rows_total", '{kind="repeat"}')
-    with ThreadPoolExecutor(len(prompts)) as ex:
-        outs = list(ex.map(lambda ids: _complete(edge, ids, N_SPEC, "spec"), prompts))
+    with ThreadPoolExecutor(len(chat_prompts)) as ex:
+        outs = list(ex.map(lambda ids: _complete(edge, ids, N_SPEC, "spec"), chat_prompts))
     identical = 0
     accepted = 0
-    for (text, stats), ref in zip(outs, reference):
+    for (text, stats), ref in zip(outs, full_reference):
         assert stats["mode"] == "spec" and stats["fallback"] is None, stats
         assert stats["edge_tokens"] + stats["cloud_tokens"] == N_SPEC
         accepted += stats["edge_tokens"]
-        identical += _assert_matches(f32_bundle, text, ref, N_SPEC)
+        identical += _assert_matches(demo_bundle_f32, text, ref, N_SPEC)
     resent = cloud.metric("fogline_cloud_hidden_rows_total", '{kind="repeat"}') - repeat0
-    print(f"\nspec mode: {identical}/{len(prompts)} identical; {accepted} drafted tokens accepted of "
-          f"{N_SPEC * len(prompts)}; rolled-back rows re-sent: {resent:.0f}")
+    print(f"\nspec mode: {identical}/{len(chat_prompts)} identical; {accepted} drafted tokens accepted of "
+          f"{N_SPEC * len(chat_prompts)}; rolled-back rows re-sent: {resent:.0f}")
     assert identical >= 5
 
 
-def test_collab_uploads_each_position_once(edge, cloud, prompts):
+def test_collab_uploads_each_position_once(edge, cloud, chat_prompts):
     new0 = cloud.metric("fogline_cloud_hidden_rows_total", '{kind="new"}')
     rep0 = cloud.metric("fogline_cloud_hidden_rows_total", '{kind="repeat"}')
     gap0 = cloud.metric("fogline_cloud_errors_total", '{code="position_gap"}')
     total_edge = total_cloud = 0
-    for ids in prompts[:3]:
+    for ids in chat_prompts[:3]:
         _, stats = _complete(edge, ids, 40, "collab", fogline_tau=0.5)
         assert stats["mode"] == "collab" and stats["fallback"] is None, stats
         total_edge += stats["edge_tokens"]
@@ -259,23 +206,23 @@ def test_collab_uploads_each_position_once(edge, cloud, prompts):
     assert cloud.metric("fogline_cloud_hidden_rows_total", '{kind="repeat"}') == rep0  # nothing sent twice
     assert cloud.metric("fogline_cloud_errors_total", '{code="position_gap"}') == gap0  # nothing missing
     # every position the cloud answered after was uploaded: at least prompt + cloud-decided tokens
-    assert new >= sum(len(p) for p in prompts[:3]) + total_cloud - 3
+    assert new >= sum(len(p) for p in chat_prompts[:3]) + total_cloud - 3
 
 
-def test_concurrent_requests_in_different_modes(edge, f32_bundle, prompts, reference):
+def test_concurrent_requests_in_different_modes(edge, demo_bundle_f32, chat_prompts, full_reference):
     jobs = [("cloud", 0, 24), ("spec", 1, 24), ("collab", 2, 24), ("edge", 3, 24), ("spec", 4, 24)]
-    alone_edge = _complete(edge, prompts[3], 24, "edge")[0]
+    alone_edge = _complete(edge, chat_prompts[3], 24, "edge")[0]
     with ThreadPoolExecutor(len(jobs)) as ex:
-        outs = list(ex.map(lambda j: _complete(edge, prompts[j[1]], j[2], j[0]), jobs))
+        outs = list(ex.map(lambda j: _complete(edge, chat_prompts[j[1]], j[2], j[0]), jobs))
     for (mode, i, n), (text, stats) in zip(jobs, outs):
         assert stats["mode"] == mode and stats["fallback"] is None, stats
         if mode in ("cloud", "spec"):
-            assert _assert_matches(f32_bundle, text, reference[i], n) or True
+            _assert_matches(demo_bundle_f32, text, full_reference[i], n)  # fails unless equal up to a full-model tie
         if mode == "edge":
             assert text == alone_edge  # batching with cloud-mode neighbours changes nothing
 
 
-def test_cloud_restart_mid_generation_replays_and_output_is_unchanged(edge, cloud, f32_bundle, prompts, reference):
+def test_cloud_restart_mid_generation_replays_and_output_is_unchanged(edge, cloud, demo_bundle_f32, chat_prompts, full_reference):
     """Kill -9 the cloud while a cloud-mode and a spec-mode stream are running, restart it on
     the same port: the edge replays its h_K history and both outputs equal uninterrupted runs."""
     from openai import OpenAI
@@ -299,8 +246,8 @@ def test_cloud_restart_mid_generation_replays_and_output_is_unchanged(edge, clou
                 stats = ch.choices[0].model_extra["fogline"]
         results[mode] = (text, stats or {})
 
-    threads = [threading.Thread(target=run, args=("cloud", prompts[0])),
-               threading.Thread(target=run, args=("spec", prompts[1]))]
+    threads = [threading.Thread(target=run, args=("cloud", chat_prompts[0])),
+               threading.Thread(target=run, args=("spec", chat_prompts[1]))]
     for t in threads:
         t.start()
     assert seen.wait(300)
@@ -313,11 +260,11 @@ def test_cloud_restart_mid_generation_replays_and_output_is_unchanged(edge, clou
     for mode, i in (("cloud", 0), ("spec", 1)):
         text, stats = results[mode]
         assert stats.get("fallback") is None, stats
-        assert _assert_matches(f32_bundle, text, reference[i], n), mode
+        assert _assert_matches(demo_bundle_f32, text, full_reference[i], n), mode
     _wait_connected(edge)
 
 
-def test_stalled_or_unreachable_cloud_falls_back_to_edge(f32_bundle, cloud, prompts, tmp_path):
+def test_stalled_or_unreachable_cloud_falls_back_to_edge(demo_bundle_f32, cloud, chat_prompts, tmp_path):
     """Through the WAN emulator: a stall longer than cloud_deadline_ms mid-stream, then a cut
     with new connections refused — every request completes, in edge mode, saying why."""
     from tools.wanem import LinkShape, WanEmulator
@@ -327,7 +274,7 @@ def test_stalled_or_unreachable_cloud_falls_back_to_edge(f32_bundle, cloud, prom
     th.start()
     wan = asyncio.run_coroutine_threadsafe(
         WanEmulator(("127.0.0.1", cloud.port), LinkShape(delay_ms=2.0)).start(), loop).result(30)
-    srv = start_edge_server(f32_bundle / "edge", tmp_path / "edge.log",
+    srv = start_edge_server(demo_bundle_f32 / "edge", tmp_path / "edge.log",
                             env=_edge_env(f"ws://127.0.0.1:{wan.port}/ws", FOGLINE_EDGE_CLOUD_DEADLINE_MS="1500"))
     try:
         _wait_connected(srv)
@@ -345,7 +292,7 @@ def test_stalled_or_unreachable_cloud_falls_back_to_edge(f32_bundle, cloud, prom
                 stats = (extra or {}).get("fogline") or ch.model_extra.get("fogline") or stats
             return n, stats or {}
 
-        _, st = stream("cloud", prompts[0], lambda: wan.stall(6.0))
+        _, st = stream("cloud", chat_prompts[0], lambda: wan.stall(6.0))
         assert st["fallback"] and "deadline" in st["fallback"], st
         assert st["edge_tokens"] > 0 and st["cloud_tokens"] > 0
         got.append(st)
@@ -356,11 +303,11 @@ def test_stalled_or_unreachable_cloud_falls_back_to_edge(f32_bundle, cloud, prom
             wan.refuse(30.0)
             wan.cut_all()
 
-        _, st = stream("spec", prompts[1], cut)
+        _, st = stream("spec", chat_prompts[1], cut)
         assert st["fallback"], st
         assert st["edge_tokens"] + st["cloud_tokens"] == 30
         # while the cloud is unreachable a new request goes straight to edge mode
-        r = c.completions.create(model="fogline-edge-k20", prompt=prompts[2], max_tokens=8, temperature=0,
+        r = c.completions.create(model="fogline-edge-k20", prompt=chat_prompts[2], max_tokens=8, temperature=0,
                                  extra_body={"mode": "collab", "ignore_eos": True})
         assert r.model_extra["fogline"]["fallback"], r.model_extra
         assert r.usage.completion_tokens == 8
@@ -375,12 +322,12 @@ def test_stalled_or_unreachable_cloud_falls_back_to_edge(f32_bundle, cloud, prom
         loop.call_soon_threadsafe(loop.stop)
 
 
-def test_spec_mode_sampling_is_seeded_and_mixes_origins(edge, prompts):
+def test_spec_mode_sampling_is_seeded_and_mixes_origins(edge, chat_prompts):
     """temperature > 0 with a seed: spec mode completes in spec mode, the same seed gives the
     same completion (fixed γ, no pipelined block: see cloud_modes.py), tokens come from both
     the edge (accepted drafts) and the cloud (corrections / bonus tokens)."""
     def run(seed: int) -> tuple[str, dict]:
-        r = _client(edge).completions.create(model="fogline-edge-k20", prompt=prompts[2], max_tokens=24,
+        r = _client(edge).completions.create(model="fogline-edge-k20", prompt=chat_prompts[2], max_tokens=24,
                                              temperature=0.8, seed=seed, extra_body={"mode": "spec",
                                                                                      "ignore_eos": True})
         return r.choices[0].text, r.model_extra["fogline"]
@@ -396,7 +343,7 @@ def test_spec_mode_sampling_is_seeded_and_mixes_origins(edge, prompts):
     assert len(others | {a}) > 1  # the seed matters: sampled, not greedy
 
 
-def test_replay_history_is_fp16_and_bounded(cloud, f32_bundle):
+def test_replay_history_is_fp16_and_bounded(cloud, demo_bundle_f32):
     """CloudSession keeps h_K as fp16, at most ~replay_history_tokens rows; a replay within the
     bound reproduces the uninterrupted session, one beyond it raises ReplayImpossible (the
     modes turn that into a fallback) — and nothing is refused before a replay is needed."""
@@ -406,7 +353,7 @@ def test_replay_history_is_fp16_and_bounded(cloud, f32_bundle):
     from edge_runtime.cloud_generation import CloudSession, ReplayImpossible
     from fogline.manifest import load_manifest
 
-    m = load_manifest(f32_bundle / "edge", role="edge")
+    m = load_manifest(demo_bundle_f32 / "edge", role="edge")
     rng = np.random.default_rng(0)
     prompt = rng.standard_normal((40, m.hidden_size)).astype(np.float32)
     steps = [rng.standard_normal((1, m.hidden_size)).astype(np.float32) for _ in range(30)]
@@ -438,26 +385,26 @@ def test_replay_history_is_fp16_and_bounded(cloud, f32_bundle):
     asyncio.run(go())
 
 
-def test_cloud_unreachable_at_startup_then_reconnects(f32_bundle, prompts, tmp_path):
+def test_cloud_unreachable_at_startup_then_reconnects(demo_bundle_f32, chat_prompts, tmp_path):
     """The edge starts with its cloud_url on a closed port: /health is 200 with the cloud not
     connected, a cloud-mode request completes in edge mode naming the reason; once a cloud
     listens on that port the link reconnects (backoff) and a later request uses it."""
     port = _free_port()
-    srv = start_edge_server(f32_bundle / "edge", tmp_path / "edge.log",
+    srv = start_edge_server(demo_bundle_f32 / "edge", tmp_path / "edge.log",
                             env=_edge_env(f"ws://127.0.0.1:{port}/ws", FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000"))
-    late = Cloud(f32_bundle, port, tmp_path / "cloud.log")
+    late = Cloud(demo_bundle_f32, port, tmp_path / "cloud.log")
     try:
         status, h = srv.health()
         assert status == 200 and h["cloud"]["configured"] is True and h["cloud"]["connected"] is False, h
         end = time.monotonic() + 30
         while srv.health()[1]["cloud"].get("last_error") is None and time.monotonic() < end:
             time.sleep(0.1)
-        text, st = _complete(srv, prompts[0], 8, "cloud")
+        text, st = _complete(srv, chat_prompts[0], 8, "cloud")
         assert st["fallback"] and "unreachable" in st["fallback"] and str(port) in st["fallback"], st
         assert st["edge_tokens"] == 8 and st["cloud_tokens"] == 0 and text
         late.start()
         _wait_connected(srv, timeout=90)
-        _, st = _complete(srv, prompts[0], 8, "cloud")
+        _, st = _complete(srv, chat_prompts[0], 8, "cloud")
         assert st["fallback"] is None and st["cloud_tokens"] == 8, st
     finally:
         srv.stop()
