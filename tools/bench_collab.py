@@ -52,6 +52,24 @@ MODES = ("edge", "collab", "spec", "cloud")
 BASELINES = ("cloud-only", "naive split")
 
 
+def _start_server(argv: list[str], port: int, name: str, env: dict[str, str],
+                  timeout_s: float = 180.0) -> subprocess.Popen:
+    """Start `python argv...` logging to /tmp/bench_collab_{name}.log; return once /health answers."""
+    log_path = f"/tmp/bench_collab_{name}.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit(f"the {name} server did not come up; see {log_path}")
+            time.sleep(0.2)
+
+
 def _port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -86,31 +104,12 @@ def main() -> int:
 
     bundle = Path(args.bundle)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cport = _port()
-    clog = open("/tmp/bench_collab_cloud.log", "wb")
-    cloud = subprocess.Popen([sys.executable, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"),
-                              "--port", str(cport), "--threads", "1"], stdout=clog, stderr=subprocess.STDOUT,
-                             env=env, cwd=REPO)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{cport}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
+    cport, fport = _port(), _port()
+    cloud = _start_server(["-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"),
+                           "--port", str(cport), "--threads", "1"], cport, "cloud", env)
     cproc = psutil.Process(cloud.pid)
-    fport = _port()
-    flog = open("/tmp/bench_collab_full.log", "wb")
-    full = subprocess.Popen([sys.executable, "-m", "cloud_runtime.full_model", "--source", args.source,
-                             "--port", str(fport), "--threads", "1"], stdout=flog, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO)
-    for _ in range(900):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{fport}/health", timeout=1)
-            break
-        except OSError:
-            if full.poll() is not None:
-                raise SystemExit("the full-model server died; see /tmp/bench_collab_full.log")
-            time.sleep(0.2)
+    full = _start_server(["-m", "cloud_runtime.full_model", "--source", args.source,
+                          "--port", str(fport), "--threads", "1"], fport, "full", env)
     fproc = psutil.Process(full.pid)
     from transformers import AutoTokenizer
 
