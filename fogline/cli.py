@@ -41,6 +41,8 @@ def _edge_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fogline.service_install import add_arguments as add_install_arguments  # light: argparse only
+
     parser = argparse.ArgumentParser(prog="fogline", description="Split LLM runtime: edge (llama.cpp) + cloud (PyTorch).")
     parser.add_argument("--version", action="version", version=f"fogline {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,15 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cloud_serve_arguments(p)
     p.set_defaults(handler=_cloud_serve)
     p = cloud_sub.add_parser("install-service", help="write the cloud's systemd unit and a commented default config")
-    from fogline.service_install import add_arguments as add_install_arguments  # light: argparse only
-
     add_install_arguments(p, role="cloud")
     p.set_defaults(handler=_install_service)
 
     p = sub.add_parser("install-service", help="write a systemd unit and a commented default config (kept if present)")
-    from fogline.service_install import add_arguments as add_install_service_arguments  # light: argparse only
-
-    add_install_service_arguments(p)
+    add_install_arguments(p)
     p.set_defaults(handler=_install_service)
 
     p = sub.add_parser("edge", help="the edge runtime (llama.cpp + OpenAI-compatible API)")
