@@ -47,6 +47,7 @@ import torch
 from cloud_runtime.deep_model import DeepModel, Segment
 from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.sessions import Session
+from fogline.aio import cancel_and_wait
 from fogline.wire.errors import InternalError, Overloaded, ShuttingDown
 
 log = logging.getLogger("fogline.cloud.batcher")
@@ -129,11 +130,7 @@ class Batcher:
     async def stop(self) -> None:
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
         while not self._queue.empty():
             step = self._queue.get_nowait()
             if not step.future.done():

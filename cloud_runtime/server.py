@@ -39,6 +39,7 @@ from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.sampling import judge, pick, top_probs
 from cloud_runtime.sessions import SessionStore
 from fogline import __version__, sd_notify
+from fogline.aio import cancel_and_wait
 from fogline.arch import ArchSpec
 from fogline.errors import BundleError
 from fogline.manifest import Manifest, load_manifest, verify_files
@@ -391,11 +392,7 @@ async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.get_running_loop().create_task(reap(), name="fogline-reaper")
     yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    await cancel_and_wait(task)
 
 
 async def _on_shutdown(app: web.Application) -> None:

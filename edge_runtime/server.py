@@ -32,6 +32,7 @@ from edge_runtime.loader import EdgeRuntime, load_runtime
 from edge_runtime.metrics import EdgeMetrics
 from edge_runtime.openai_api import (ApiRequest, ResponseBuilder, finish_error, models_list, parse_chat,
                                      parse_completion)
+from fogline.aio import cancel_and_wait
 
 log = logging.getLogger("fogline.edge.http")
 
@@ -120,11 +121,7 @@ async def _device_ctx(app: web.Application) -> AsyncIterator[None]:
         log.exception("device sample failed")
     task = asyncio.create_task(mon.run(app[CONFIG].device_sample_s), name="fogline-device-monitor")
     yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    await cancel_and_wait(task)
 
 
 def _start_bridge(cfg: EdgeConfig, rt: EdgeRuntime, m: EdgeMetrics, loop: asyncio.AbstractEventLoop) -> Any:
