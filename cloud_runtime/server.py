@@ -5,24 +5,24 @@
     GET /health   JSON: status, model, sessions, KV bytes
     GET /metrics  Prometheus text
 
-Lifetimes are aiohttp `cleanup_ctx` generators: the model (with its session
-store, batcher and worker thread) and the TTL reaper. Shutdown drains: new
-work is refused with `shutting_down`, in-flight steps finish (up to
-`shutdown_grace_s`), then every edge gets a `bye` frame and a 1001 close.
-
-Protocol errors are mapped to frames in exactly one place
-(`EdgeConnection._reply_error`); nothing a client sends can raise past it.
+The runtime's lifetime (`open_runtime`: the model with its session store,
+batcher and worker thread, and the TTL reaper) is an aiohttp `cleanup_ctx`
+here and a Ray Serve replica's lifetime in cloud_runtime/ray_serve.py, which
+serves the same runtime and the same protocol (cloud_runtime/connection.py)
+behind Serve's proxy. Shutdown drains: new work is refused with
+`shutting_down`, in-flight steps finish (up to `shutdown_grace_s`), then every
+edge gets a `bye` frame and a 1001 close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from aiohttp import web
 
 from cloud_runtime.batcher import Batcher, Step
 from cloud_runtime.config import CloudConfig
+from cloud_runtime.connection import Connections, Frame
 from cloud_runtime.deep_model import DeepModel, load_deep_model
 from cloud_runtime.metrics import CloudMetrics
 from cloud_runtime.sampling import judge, pick, top_probs
@@ -44,10 +45,9 @@ from fogline.arch import ArchSpec
 from fogline.errors import BundleError
 from fogline.manifest import Manifest, load_manifest, verify_files
 from fogline.wire.codecs import decode_hidden
-from fogline.wire.errors import (AuthError, BadFrame, ErrorCode, InternalError, MismatchError, Overloaded,
-                                 PositionGap, ProtocolError, ShuttingDown, TooLarge)
-from fogline.wire.protocol import (Ack, Append, Bye, Close, Error, Hello, HelloOk, Infer, Message, Ping, Pong,
-                                   TokenReply, Truncate, Verdict, Verify, decode_frame, encode_frame)
+from fogline.wire.errors import BadFrame, PositionGap, ShuttingDown, TooLarge
+from fogline.wire.protocol import (Ack, Append, Close, HelloOk, Infer, Message, TokenReply, Truncate, Verdict,
+                                   Verify)
 
 log = logging.getLogger("fogline.cloud")
 
@@ -205,166 +205,52 @@ class CloudRuntime:
             return False
 
 
-# --- one edge connection ------------------------------------------------------------
+# --- the aiohttp websocket as a Transport --------------------------------------------
 
 
-class EdgeConnection:
-    """One websocket: handshake, then requests served concurrently (ordered per session)."""
+class AiohttpTransport:
+    """cloud_runtime.connection.Transport over aiohttp's server-side websocket."""
 
-    def __init__(self, ws: web.WebSocketResponse, rt: CloudRuntime, request: web.Request) -> None:
-        self.ws, self.rt, self.request = ws, rt, request
-        self.config = rt.config
-        self.metrics = rt.metrics
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.ws = ws
         self.peer = request.remote or "?"
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.send_lock = asyncio.Lock()
-        self.bad_frames = 0
-        self.closing = False
+        self.authorization = request.headers.get("Authorization", "")
 
-    async def send(self, msg: Message) -> None:
-        if self.ws.closed:
-            return
-        async with self.send_lock:
-            try:
-                await self.ws.send_bytes(encode_frame(msg))
-            except (ConnectionError, RuntimeError, aiohttp.ClientError):
-                pass  # the peer went away; its requests' effects stay in the session store
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def receive(self, timeout: float | None = None) -> Frame:
+        m = await self.ws.receive(timeout=timeout)
+        if m.type == aiohttp.WSMsgType.BINARY:
+            return bytes(m.data)
+        if m.type == aiohttp.WSMsgType.TEXT:
+            return str(m.data)
+        return None  # CLOSE, CLOSING, CLOSED, ERROR: aiohttp has already answered the close
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.ws.send_bytes(data)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            pass  # the peer went away
 
     async def close(self, code: int, reason: str) -> None:
-        self.closing = True
-        if not self.ws.closed:
-            await self.ws.close(code=code, message=reason[:120].encode())
-
-    async def _reply_error(self, e: ProtocolError) -> None:
-        """The one place a ProtocolError becomes a frame (and maybe a close)."""
-        self.metrics.errors.labels(str(e.code)).inc()
-        log.debug("edge %s: %s: %s", self.peer, e.code, e)
-        await self.send(Error.of(e))
-        if e.fatal:
-            code = aiohttp.WSCloseCode.GOING_AWAY if e.code == ErrorCode.SHUTTING_DOWN \
-                else aiohttp.WSCloseCode.POLICY_VIOLATION
-            await self.close(code, f"{e.code}: {e}")
-        elif e.code in (ErrorCode.BAD_FRAME, ErrorCode.TOO_LARGE):
-            self.bad_frames += 1
-            if self.bad_frames > self.config.max_bad_frames:
-                await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION,
-                                 f"bad_frame: more than {self.config.max_bad_frames} malformed frames")
-
-    async def run(self) -> None:
-        if not await self._handshake():
-            return
-        async for m in self.ws:
-            if self.closing:
-                break
-            if m.type == aiohttp.WSMsgType.BINARY:
-                await self._on_frame(m.data)
-            elif m.type == aiohttp.WSMsgType.TEXT:
-                await self._reply_error(BadFrame("text frames are not part of the protocol (binary msgpack only)"))
-            else:  # ERROR, CLOSE...: aiohttp has already answered the close
-                break
-        if self.tasks:  # let admitted requests finish; their replies are dropped if we are gone
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def _handshake(self) -> bool:
-        try:
-            m = await self.ws.receive(timeout=self.config.hello_timeout_s)
-        except TimeoutError:
-            await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION, "no hello frame in time")
-            return False
-        if m.type != aiohttp.WSMsgType.BINARY:
-            if m.type == aiohttp.WSMsgType.TEXT:
-                await self._reply_error(BadFrame("the first frame must be a binary msgpack hello"))
-                await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION, "bad_frame: expected hello")
-            return False
-        try:
-            hello = decode_frame(m.data, self.config.max_frame_bytes)
-            if not isinstance(hello, Hello):
-                raise BadFrame(f"the first frame must be hello, got {hello.KIND}")
-            self._check_hello(hello)
-        except ProtocolError as e:
-            await self._reply_error(e)
-            await self.close(aiohttp.WSCloseCode.POLICY_VIOLATION, f"{e.code}: {e}")
-            return False
-        self.metrics.frames.labels("hello").inc()
-        await self.send(self.rt.hello_ok())
-        log.info("edge %s connected (%s)", self.peer, hello.client or "unnamed client")
-        return True
-
-    def _check_hello(self, hello: Hello) -> None:
-        if self.rt.draining:
-            raise ShuttingDown("server is shutting down", retry_after=1.0)
-        want = self.config.token
-        if want:
-            header = self.request.headers.get("Authorization", "")
-            given = hello.token or (header[7:] if header.startswith("Bearer ") else "")
-            if not hmac.compare_digest(given.encode(), want.encode()):
-                raise AuthError("missing or wrong bearer token")
-        m = self.rt.manifest
-        if hello.fingerprint != m.fingerprint:
-            raise MismatchError(f"model fingerprint {hello.fingerprint[:12]!r} != this server's {m.fingerprint[:12]!r}")
-        if hello.split != m.split:
-            raise MismatchError(f"edge split K={hello.split} != this server's K={m.split}")
-
-    async def _on_frame(self, data: bytes) -> None:
-        try:
-            msg = decode_frame(data, self.config.max_frame_bytes)
-        except ProtocolError as e:
-            await self._reply_error(e)
-            return
-        self.metrics.frames.labels(msg.KIND).inc()
-        try:
-            if not msg.REQUEST or isinstance(msg, Hello):
-                raise BadFrame(f"{msg.KIND} is not a request a client may send after hello")
-            if isinstance(msg, Ping):
-                await self.send(Pong(id=msg.id, stamp=msg.stamp))
-                return
-            if self.rt.draining:
-                raise ShuttingDown("server is shutting down", retry_after=1.0)
-            if len(self.tasks) >= self.config.max_inflight_per_connection:
-                raise Overloaded(f"{len(self.tasks)} requests in flight on this connection", retry_after=0.1)
-        except ProtocolError as e:
-            e.req_id, e.session = getattr(msg, "id", None), getattr(msg, "session", None)
-            await self._reply_error(e)
-            return
-        task = asyncio.get_running_loop().create_task(self._serve(msg))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _serve(self, msg: Message) -> None:
-        try:
-            reply = await self.rt.handle(msg)
-        except ProtocolError as e:
-            e.req_id = getattr(msg, "id", None)
-            e.session = getattr(msg, "session", None)
-            await self._reply_error(e)
-            return
-        except Exception as e:  # a server bug: tell the edge, keep serving everyone else
-            log.exception("request %s from %s failed", msg.KIND, self.peer)
-            await self._reply_error(InternalError(f"{msg.KIND} failed: {type(e).__name__}",
-                                                  req_id=getattr(msg, "id", None),
-                                                  session=getattr(msg, "session", None)))
-            return
-        if reply is not None:
-            await self.send(reply)
-
-    async def goodbye(self, reason: str) -> None:
-        await self.send(Bye(reason=reason, retry_after=1.0))
-        await self.close(aiohttp.WSCloseCode.GOING_AWAY, reason)
+        await self.ws.close(code=code, message=reason.encode())
 
 
 # --- the app ----------------------------------------------------------------------------
 
-CONFIG = web.AppKey("fogline_cloud_config", CloudConfig)
-METRICS = web.AppKey("fogline_cloud_metrics", CloudMetrics)
-RUNTIME = web.AppKey("fogline_cloud_runtime", CloudRuntime)
-CONNECTIONS = web.AppKey("fogline_cloud_connections", set)
-
-
-async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-    config, metrics = app[CONFIG], app[METRICS]
+@asynccontextmanager
+async def open_runtime(config: CloudConfig, metrics: CloudMetrics) -> AsyncIterator[CloudRuntime]:
+    """The runtime's lifetime: the model (loaded in its worker thread), the session store, the
+    batcher and the TTL reaper; on exit the reaper and the batcher stop and the worker thread ends."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fogline-model")
     loop = asyncio.get_running_loop()
-    manifest, model = await loop.run_in_executor(executor, load_bundle_model, config)
+    try:
+        manifest, model = await loop.run_in_executor(executor, load_bundle_model, config)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
     store = SessionStore(model.new_cache, config.kv_budget_bytes, config.session_ttl_s, metrics)
     batcher = Batcher(model, metrics, window_s=config.batch_window_ms / 1000, max_tokens=config.max_batch_tokens,
                       max_queue=config.max_queue, executor=executor, schedule=config.schedule,
@@ -373,71 +259,68 @@ async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = CloudRuntime(config, manifest, model, store, batcher, metrics, max_context)
     rt.idle.set()
     batcher.start()
-    app[RUNTIME] = rt
+    reaper = loop.create_task(_reap(rt), name="fogline-reaper")
     log.info("cloud ready: %s layers [%d, %d) on %s/%s", manifest.source or "model", manifest.split,
              manifest.n_layers, config.device, config.dtype)
-    yield
-    await batcher.stop()
-    executor.shutdown(wait=True)
-
-
-async def _reaper_ctx(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-
-    async def reap() -> None:
-        while True:
-            await asyncio.sleep(rt.config.reap_interval_s)
-            if n := rt.store.reap():
-                log.info("reaped %d idle session(s)", n)
-
-    task = asyncio.get_running_loop().create_task(reap(), name="fogline-reaper")
-    yield
-    await cancel_and_wait(task)
-
-
-async def _on_shutdown(app: web.Application) -> None:
-    """Drain: refuse new work, let in-flight steps finish, then say goodbye to every edge."""
-    rt = app.get(RUNTIME)
-    if rt is None:
-        return
-    rt.draining = True
-    if not await rt.wait_idle(rt.config.shutdown_grace_s):
-        log.warning("shutdown: %d request(s) still in flight after %.1f s", rt.inflight, rt.config.shutdown_grace_s)
-    conns: set[EdgeConnection] = app[CONNECTIONS]
-    await asyncio.gather(*(c.goodbye("server shutting down") for c in list(conns)), return_exceptions=True)
-
-
-async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-    app = request.app
-    rt, config = app[RUNTIME], app[CONFIG]
-    # aiohttp enforces a hard cap above ours, so an oversized frame still gets a typed too_large first.
-    ws = web.WebSocketResponse(max_msg_size=2 * config.max_frame_bytes, heartbeat=30.0)
-    await ws.prepare(request)
-    conn = EdgeConnection(ws, rt, request)
-    conns: set[EdgeConnection] = app[CONNECTIONS]
-    conns.add(conn)
-    rt.metrics.connections.inc()
     try:
-        await conn.run()
+        yield rt
     finally:
-        conns.discard(conn)
-        rt.metrics.connections.dec()
-        if not ws.closed:
-            await ws.close()
-    return ws
+        await cancel_and_wait(reaper)
+        await batcher.stop()
+        executor.shutdown(wait=True)
 
 
-async def health(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
+async def _reap(rt: CloudRuntime) -> None:
+    while True:
+        await asyncio.sleep(rt.config.reap_interval_s)
+        if n := rt.store.reap():
+            log.info("reaped %d idle session(s)", n)
+
+
+def health_body(rt: CloudRuntime, connections: int) -> dict[str, Any]:
+    """What /health reports for one runtime (the Ray Serve app lists one of these per replica)."""
     m = rt.manifest
-    return web.json_response({
+    return {
         "status": "draining" if rt.draining else "ok",
         "fingerprint": m.fingerprint, "split": m.split, "n_layers": m.n_layers,
         "device": rt.config.device, "dtype": rt.config.dtype,
         "sessions": len(rt.store), "kv_bytes": rt.store.kv_bytes, "kv_budget_bytes": rt.store.budget,
-        "connections": len(request.app[CONNECTIONS]), "queued_steps": rt.batcher.queued,
+        "connections": connections, "queued_steps": rt.batcher.queued,
         "uptime_s": round(time.monotonic() - rt.started, 3),
-    })
+    }
+
+
+# --- the app ----------------------------------------------------------------------------
+
+CONFIG = web.AppKey("fogline_cloud_config", CloudConfig)
+METRICS = web.AppKey("fogline_cloud_metrics", CloudMetrics)
+RUNTIME = web.AppKey("fogline_cloud_runtime", CloudRuntime)
+CONNECTIONS = web.AppKey("fogline_cloud_connections", Connections)
+
+
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_runtime(app[CONFIG], app[METRICS]) as rt:
+        app[RUNTIME] = rt
+        yield
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    rt = app.get(RUNTIME)
+    if rt is not None:
+        await app[CONNECTIONS].drain(rt, "server shutting down")
+
+
+async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    # aiohttp enforces a hard cap above ours, so an oversized frame still gets a typed too_large first.
+    ws = web.WebSocketResponse(max_msg_size=2 * app[CONFIG].max_frame_bytes, heartbeat=30.0)
+    await ws.prepare(request)
+    await app[CONNECTIONS].serve(AiohttpTransport(ws, request), app[RUNTIME])
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response(health_body(request.app[RUNTIME], len(request.app[CONNECTIONS])))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -449,9 +332,8 @@ def create_app(config: CloudConfig) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
     app[METRICS] = CloudMetrics()
-    app[CONNECTIONS] = set()
+    app[CONNECTIONS] = Connections(app[METRICS])
     app.cleanup_ctx.append(_runtime_ctx)
-    app.cleanup_ctx.append(_reaper_ctx)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get(WS_PATH, ws_handler)
     app.router.add_get("/health", health)
