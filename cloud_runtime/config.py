@@ -20,6 +20,7 @@ from fogline.errors import ConfigError
 
 ENV_PREFIX = "FOGLINE_CLOUD_"
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+RAY_ONLY = ("ray_address", "replicas", "autoscale", "edges_per_replica", "num_gpus")  # settings that need ray
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,13 @@ class CloudConfig:
     shutdown_grace_s: float = 10.0  # on shutdown, wait this long for in-flight steps
     codecs: tuple[str, ...] = ("fp32", "fp16", "int8")  # hidden-state codecs accepted
     log_level: str = "INFO"
+    # --- scale-out on Ray Serve (the fogline[ray] extra; docs/scale-out.md) ---
+    ray: bool = False  # serve as a Ray Serve app: one runtime per replica, edges enter at Serve's proxy (host:port)
+    ray_address: str = ""  # "" = start a local Ray; "auto" = the cluster this node joined; HOST:PORT of a head
+    replicas: int = 1  # replicas, fixed (or let Serve scale: `autoscale`)
+    autoscale: str = ""  # "MIN,MAX": Serve adds/removes replicas to keep `edges_per_replica` websockets on each
+    edges_per_replica: int = 64  # autoscaling target: open edge websockets per replica
+    num_gpus: float = 0.0  # GPUs per replica, assigned by Ray (device must then be "cuda")
 
     def __post_init__(self) -> None:
         if self.dtype in DTYPE_ALIASES:
@@ -75,6 +83,43 @@ class CloudConfig:
         for name in ("session_ttl_s", "reap_interval_s", "batch_window_ms", "hello_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        if not self.ray:
+            if given := [f.name for f in dataclasses.fields(self) if f.name in RAY_ONLY
+                         and getattr(self, f.name) != f.default]:
+                raise ConfigError(f"{', '.join(given)} only apply with ray = true (--ray)")
+            return
+        if self.port == 0:
+            raise ConfigError("with --ray the port must be fixed: every node's Serve proxy listens on it")
+        if self.replicas < 1 or self.edges_per_replica < 1:
+            raise ConfigError("replicas and edges_per_replica must be at least 1")
+        if self.autoscale and self.replicas != 1:
+            raise ConfigError("give either replicas (fixed) or autoscale (MIN,MAX), not both")
+        parse_autoscale(self.autoscale)
+        if self.num_gpus < 0:
+            raise ConfigError(f"num_gpus must not be negative, got {self.num_gpus}")
+        if self.num_gpus > 0 and self.device != "cuda":
+            raise ConfigError(f"with num_gpus > 0 the device must be 'cuda' (Ray assigns each replica its GPU), "
+                              f"got {self.device!r}")
+        if self.num_gpus == 0 and self.device != "cpu":
+            raise ConfigError(f"device {self.device!r} needs num_gpus > 0: a Ray replica sees only the GPUs it "
+                              f"was given")
+
+
+def parse_autoscale(text: str) -> tuple[int, int] | None:
+    """(MIN, MAX) replicas from the `autoscale` setting, or None for a fixed count."""
+    if not text:
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"autoscale {text!r} must be MIN,MAX (two integers)") from None
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"autoscale {text!r} needs 1 <= MIN <= MAX (a replica loads the model for longer than "
+                          f"an edge waits to connect, so never scale to zero)")
+    return lo, hi
 
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
@@ -156,6 +201,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile a fused single-row matmul (needs a C++ compiler)")
     p.add_argument("--no-verify-bundle", action="store_false", default=None, dest="verify_bundle")
     p.add_argument("--log-level")
+    g = p.add_argument_group("scale-out on Ray Serve (pip install 'fogline[ray]'; docs/scale-out.md)")
+    g.add_argument("--ray", action="store_true", default=None,
+                   help="deploy as a Ray Serve app: one cloud runtime per replica behind Serve's proxy on --port")
+    g.add_argument("--ray-address", dest="ray_address",
+                   help="the Ray cluster to join: 'auto' or HOST:PORT (default: start a local one)")
+    g.add_argument("--replicas", type=int, help="number of replicas (default 1)")
+    g.add_argument("--autoscale", metavar="MIN,MAX", help="let Serve scale between MIN and MAX replicas")
+    g.add_argument("--edges-per-replica", type=int, dest="edges_per_replica",
+                   help="autoscaling target: open edge websockets per replica (default 64)")
+    g.add_argument("--num-gpus", type=float, dest="num_gpus", help="GPUs per replica (with --device cuda)")
 
 
 def config_from_args(args: argparse.Namespace) -> CloudConfig:

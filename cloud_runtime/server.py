@@ -42,7 +42,7 @@ from cloud_runtime.sessions import SessionStore
 from fogline import __version__, sd_notify
 from fogline.aio import cancel_and_wait
 from fogline.arch import ArchSpec
-from fogline.errors import BundleError
+from fogline.errors import BundleError, ConfigError
 from fogline.manifest import Manifest, load_manifest, verify_files
 from fogline.wire.codecs import decode_hidden
 from fogline.wire.errors import BadFrame, PositionGap, ShuttingDown, TooLarge
@@ -53,6 +53,7 @@ log = logging.getLogger("fogline.cloud")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WS_PATH = "/ws"
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 # --- the model and its sessions ---------------------------------------------------
@@ -373,6 +374,12 @@ def main(args: Any) -> int:
     from cloud_runtime.config import config_from_args
 
     config = config_from_args(args)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    if config.ray:
+        try:
+            from cloud_runtime.ray_serve import run
+        except ImportError as e:
+            raise ConfigError(f"--ray needs Ray Serve: pip install 'fogline[ray]' ({e})") from None
+        return run(config)
     asyncio.run(serve(config))
     return 0

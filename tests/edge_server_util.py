@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,3 +79,29 @@ def start_edge_server(bundle: Path, log_path: Path, *args: str, env: dict[str, s
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"edge server never became healthy:\n{log_path.read_text()}")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def edge_env(url: str, **extra: str) -> dict[str, str]:
+    """The environment of an edge daemon on the test machine's budget, linked to the cloud at `url`."""
+    env = dict(os.environ, FOGLINE_EDGE_CLOUD_URL=url, FOGLINE_EDGE_THREADS="1", FOGLINE_EDGE_PARALLEL="6",
+               FOGLINE_EDGE_CTX_SIZE="256", FOGLINE_EDGE_CLOUD_PING_S="0.5")
+    env.update(extra)
+    return env
+
+
+def wait_cloud_connected(edge: EdgeServer, timeout: float = 60.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        _, body = edge.health()
+        if body["cloud"].get("connected"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"edge never connected to the cloud: {body}")

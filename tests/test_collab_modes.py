@@ -14,7 +14,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,17 +26,12 @@ import pytest
 
 from tests.conftest import REFERENCE_TOKENS, TIE_GAP
 from tests.edge_server_util import REPO, start_edge_server
+from tests.edge_server_util import edge_env as _edge_env
+from tests.edge_server_util import free_port as _free_port
+from tests.edge_server_util import wait_cloud_connected as _wait_connected
 
 N_CLOUD = REFERENCE_TOKENS
 N_SPEC = 32
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Cloud:
@@ -91,23 +85,6 @@ def cloud(demo_bundle_f32, tmp_path_factory):
     c.start()
     yield c
     c.stop()
-
-
-def _edge_env(url: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, FOGLINE_EDGE_CLOUD_URL=url, FOGLINE_EDGE_THREADS="1", FOGLINE_EDGE_PARALLEL="6",
-               FOGLINE_EDGE_CTX_SIZE="256", FOGLINE_EDGE_CLOUD_PING_S="0.5")
-    env.update(extra)
-    return env
-
-
-def _wait_connected(edge, timeout: float = 60.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        _, body = edge.health()
-        if body["cloud"].get("connected"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"edge never connected to the cloud: {body}")
 
 
 @pytest.fixture(scope="module")
