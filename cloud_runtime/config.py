@@ -20,6 +20,7 @@ from fogline.errors import ConfigError
 
 ENV_PREFIX = "FOGLINE_CLOUD_"
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SERVE_PROXY_MAX_MESSAGE = 16 << 20  # uvicorn's websocket message limit in Ray Serve's proxy
 RAY_ONLY = ("ray_address", "replicas", "autoscale", "edges_per_replica", "num_gpus")  # settings that need ray
 
 
@@ -93,6 +94,9 @@ class CloudConfig:
             return
         if self.port == 0:
             raise ConfigError("with --ray the port must be fixed: every node's Serve proxy listens on it")
+        if self.max_frame_bytes > SERVE_PROXY_MAX_MESSAGE:
+            raise ConfigError(f"with --ray max_frame_bytes must be <= {SERVE_PROXY_MAX_MESSAGE} (16 MiB): Serve's "
+                              f"proxy (uvicorn) closes a websocket that sends a larger message")
         if self.replicas < 1 or self.edges_per_replica < 1:
             raise ConfigError("replicas and edges_per_replica must be at least 1")
         if self.autoscale and self.replicas != 1:

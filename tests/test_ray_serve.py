@@ -158,7 +158,9 @@ def test_replica_killed_mid_stream_edge_replays_on_the_other_replica(edge, ray_c
     for rid in health["per_replica"]:
         assert f'fogline_cloud_sessions{{replica="{rid}"}}' in text
 
+    t0 = time.monotonic()
     calm = _run_both(edge, chat_prompts)
+    print(f"\nuninterrupted run: {time.monotonic() - t0:.1f} s")
     for mode, (_, stats) in calm.items():
         assert stats["mode"] == mode and stats["fallback"] is None, stats
 
@@ -174,7 +176,7 @@ def test_replica_killed_mid_stream_edge_replays_on_the_other_replica(edge, ray_c
 
     t0 = time.monotonic()
     hurt = _run_both(edge, chat_prompts, during=kill_the_edges_replica)
-    print(f"\nrun with a replica killed mid-stream: {time.monotonic() - t0:.1f} s")
+    print(f"run with a replica killed mid-stream: {time.monotonic() - t0:.1f} s")
     for mode in ("cloud", "spec"):
         text, stats = hurt[mode]
         assert stats["mode"] == mode and stats["fallback"] is None, stats
@@ -211,6 +213,7 @@ def test_ray_settings_are_checked(tmp_path):
     assert parse_autoscale("2,8") == (2, 8) and parse_autoscale("") is None
     for kw, msg in ((dict(replicas=2), "only apply with ray"),
                     (dict(ray=True, port=0), "port must be fixed"),
+                    (dict(ray=True, max_frame_bytes=32 << 20), "16 MiB"),
                     (dict(ray=True, replicas=2, autoscale="1,4"), "not both"),
                     (dict(ray=True, autoscale="0,4"), "never scale to zero"),
                     (dict(ray=True, autoscale="4"), "MIN,MAX"),

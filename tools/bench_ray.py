@@ -11,12 +11,14 @@
     the websockets over the replicas (the split is printed). Median of
     `--repeats`; ratios against 1 replica.
 
-h_K rows are random (the deep layers do the same work on any input). The Ray
-cluster is local, started here (no dashboard; internal traffic on 127.0.0.1).
-Writes a JSON file (`--out`).
+All three run side by side and their rounds are interleaved (a shared box's load
+drifts). h_K rows are random (the deep layers do the same work on any input).
+The Ray cluster is local, started here (no dashboard; internal traffic on
+127.0.0.1). `--haproxy` puts Serve's HAProxy ingress in front of the replicas
+instead of its Python proxy. Writes a JSON file (`--out`).
 
     python tools/bench_ray.py                       # demo model, export in out/k20q8
-    python tools/bench_ray.py --edges 8 --repeats 5
+    python tools/bench_ray.py --haproxy --repeats 5
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cloud_runtime.replica_stats import REPORT_INTERVAL_S  # noqa: E402
 from tools.bench_cloud import ensure_bundle, start_server  # noqa: E402
 
 
@@ -52,7 +55,11 @@ async def _edge(url: str, manifest, sessions: int, prefill: int, steps: int, tag
     d = manifest.hidden_size
     async with CloudLink(url, fingerprint=manifest.fingerprint, split=manifest.split) as link:
         sids = [f"{tag}-{i}" for i in range(sessions)]
-        await asyncio.gather(*(link.infer(s, 0, _rows(prefill, d, 1)) for s in sids))
+        try:
+            await asyncio.gather(*(link.infer(s, 0, _rows(prefill, d, 1)) for s in sids))
+        except BaseException:
+            await start.abort()  # the others must not wait for this edge
+            raise
         await start.wait()  # every edge has its sessions
 
         async def decode(sid: str) -> None:
@@ -66,84 +73,79 @@ async def _edge(url: str, manifest, sessions: int, prefill: int, steps: int, tag
         await asyncio.gather(*(link.close_session(s) for s in sids))
 
 
-async def _round(url: str, manifest, edges: int, sessions: int, prefill: int, steps: int, tag: str,
-                 connected=None) -> tuple[float, list[float]]:
-    """(tokens/s of the decode phase, every step's latency) for `edges` edges decoding at once."""
+async def _round(base: str, manifest, edges: int, sessions: int, args: argparse.Namespace,
+                 tag: str) -> tuple[float, list[float], dict[str, int]]:
+    """(tokens/s of the decode phase, every step's latency, websockets per replica) for `edges` edges at once."""
     start, itl = asyncio.Barrier(edges + 1), []
-    tasks = [asyncio.create_task(_edge(url, manifest, sessions, prefill, steps, f"{tag}-{e}", start, itl))
+    url = base.replace("http://", "ws://") + "/ws"
+    tasks = [asyncio.create_task(_edge(url, manifest, sessions, args.prefill, args.steps, f"{tag}-{e}", start, itl))
              for e in range(edges)]
-    await start.wait()
-    if connected is not None:
-        connected()
+    try:
+        await start.wait()
+    except asyncio.BrokenBarrierError:
+        await asyncio.gather(*tasks)  # raises the failed edge's error
+        raise
+    await asyncio.sleep(REPORT_INTERVAL_S + 0.2)  # untimed: every replica has reported its websockets
+    split = {rid.rsplit("#", 1)[-1]: r["connections"] for rid, r in _health(base).get("per_replica", {}).items()}
     t0 = time.perf_counter()
     await asyncio.gather(*tasks)
-    wall = time.perf_counter() - t0
-    return edges * sessions * steps / wall, itl
+    return edges * sessions * args.steps / (time.perf_counter() - t0), itl, split
 
 
-def _health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+def _health(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/health", timeout=30) as r:
         return json.loads(r.read())
 
 
-def measure(url: str, manifest, args: argparse.Namespace, label: str, port: int) -> dict:
-    """Both parts against one server: one-session ITL, then `args.edges` edges."""
-    one_itl: list[float] = []
+def measure(targets: dict[str, str], manifest, args: argparse.Namespace) -> dict[str, dict]:
+    """Both parts against every target, the targets interleaved round by round (the box's load drifts)."""
+    one: dict[str, list[float]] = {t: [] for t in targets}
+    tps: dict[str, list[float]] = {t: [] for t in targets}
+    split: dict[str, dict[str, int]] = {}
     for r in range(args.repeats):
-        one_itl += asyncio.run(_round(url, manifest, 1, 1, args.prefill, args.steps, f"{label}-one{r}"))[1]
-    split: list[dict] = []
-
-    def record_split() -> None:
-        per = _health(port).get("per_replica")
-        if per is not None:
-            split.append({rid.rsplit("#", 1)[-1]: r["connections"] for rid, r in per.items()})
-
-    tps = []
-    for r in range(args.repeats):
-        tps.append(asyncio.run(_round(url, manifest, args.edges, args.sessions_per_edge, args.prefill, args.steps,
-                                      f"{label}-many{r}", record_split))[0])
-    res = {"one_session_itl_ms": statistics.median(one_itl) * 1e3, "tokens_per_s": statistics.median(tps),
-           "tokens_per_s_runs": tps, "connections_per_replica": split}
-    print(f"  {label}: one-session ITL {res['one_session_itl_ms']:.2f} ms, {args.edges} edges "
-          f"{res['tokens_per_s']:.1f} tok/s {split[-1] if split else ''}", file=sys.stderr)
-    return res
+        for name, base in targets.items():
+            one[name] += asyncio.run(_round(base, manifest, 1, 1, args, f"{name}-one{r}"))[1]
+            t, _, split[name] = asyncio.run(_round(base, manifest, args.edges, args.sessions_per_edge, args,
+                                                   f"{name}-many{r}"))
+            tps[name].append(t)
+            print(f"  round {r + 1}/{args.repeats} {name}: {t:.1f} tok/s {split[name] or ''}", file=sys.stderr)
+    return {name: {"one_session_itl_ms": statistics.median(one[name]) * 1e3,
+                   "one_session_itl_p90_ms": float(np.percentile(one[name], 90)) * 1e3,
+                   "tokens_per_s": statistics.median(tps[name]), "tokens_per_s_runs": tps[name],
+                   "websockets_per_replica": split[name]} for name in targets}
 
 
-def bench_plain(bundle: Path, manifest, args: argparse.Namespace) -> dict:
-    proc, port = start_server(bundle, args.threads, False, "cpu")
-    try:
-        return measure(f"ws://127.0.0.1:{port}/ws", manifest, args, "plain", port)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-def bench_serve(bundle: Path, manifest, args: argparse.Namespace) -> dict[int, dict]:
+def run_all(bundle: Path, manifest, args: argparse.Namespace) -> dict[str, dict]:
+    """The plain server and two Serve apps (1 and 2 replicas) side by side on one local Ray cluster."""
     import ray
     from ray import serve
 
     from cloud_runtime.config import CloudConfig
-    from cloud_runtime.ray_serve import APP_NAME, build_app
+    from cloud_runtime.ray_serve import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")  # for Ray's workers
-    ray.init(num_cpus=max(2, os.cpu_count() or 1) + 1, include_dashboard=False, object_store_memory=100 << 20,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
-    out = {}
+    if args.haproxy:  # read by every Ray process at start: set before the cluster exists
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    proc, port = start_server(bundle, args.threads, False, "cpu")
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 << 20, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         base = CloudConfig(bundle=bundle / "cloud", ray=True, port=args.port, threads=args.threads,
                            kv_budget_bytes=8 << 30, log_level="WARNING")
+        targets = {"plain": f"http://127.0.0.1:{port}"}
         for n in (1, 2):
-            serve.run(build_app(replace(base, replicas=n)), name=APP_NAME, route_prefix="/")
-            while _health(args.port).get("replicas") != n:
+            serve.run(build_app(replace(base, replicas=n)), name=f"fogline-x{n}", route_prefix=f"/x{n}")
+            targets[f"serve_x{n}"] = f"http://127.0.0.1:{args.port}/x{n}"
+            while _health(targets[f"serve_x{n}"]).get("replicas") != n:
                 time.sleep(0.2)
-            out[n] = measure(f"ws://127.0.0.1:{args.port}/ws", manifest, args, f"serve x{n}", args.port)
-            serve.delete(APP_NAME)
+        return measure(targets, manifest, args)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return out
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def main() -> int:
@@ -158,30 +160,32 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=48, help="decode steps per session")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--port", type=int, default=8790, help="Serve proxy port")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "bench_ray.json"))
+    ap.add_argument("--haproxy", action="store_true",
+                    help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) instead of its Python proxy")
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/bench_ray[_haproxy].json)")
     args = ap.parse_args()
     bundle = ensure_bundle(Path(args.bundle))
     manifest = load_manifest(bundle / "cloud", role="cloud")
-    plain = bench_plain(bundle, manifest, args)
-    serve_runs = bench_serve(bundle, manifest, args)
-    one, two = serve_runs[1], serve_runs[2]
+    res = run_all(bundle, manifest, args)
+    plain, one, two = res["plain"], res["serve_x1"], res["serve_x2"]
     sessions = args.edges * args.sessions_per_edge
     lines = [
         f"deep layers [{manifest.split}, {manifest.n_layers}) of {manifest.source}, {args.threads} torch thread(s) "
         f"per server/replica, cpu; {args.prefill}-row prefill (untimed), {args.steps} decode steps per session; "
         f"median of {args.repeats}",
+        f"Serve ingress: {'HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1)' if args.haproxy else 'the Python proxy (default)'}",
         f"(a) one session, inter-token latency: plain {plain['one_session_itl_ms']:.2f} ms, Serve (1 replica) "
         f"{one['one_session_itl_ms']:.2f} ms -> Serve / plain {one['one_session_itl_ms'] / plain['one_session_itl_ms']:.2f}x",
         f"(b) {args.edges} edges x {args.sessions_per_edge} sessions = {sessions} sessions decoding, tokens/s:",
         f"  {'plain server':<22} {plain['tokens_per_s']:>8.1f}  {plain['tokens_per_s'] / one['tokens_per_s']:.2f}x",
         f"  {'Serve, 1 replica':<22} {one['tokens_per_s']:>8.1f}  1.00x",
         f"  {'Serve, 2 replicas':<22} {two['tokens_per_s']:>8.1f}  {two['tokens_per_s'] / one['tokens_per_s']:.2f}x"
-        f"   websockets per replica: {two['connections_per_replica'][-1] if two['connections_per_replica'] else '?'}",
+        f"   websockets per replica: {sorted(two['websockets_per_replica'].values())}",
     ]
     load = os.getloadavg()
     lines.append(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)")
     print("\n" + "\n".join(lines))
-    out = Path(args.out)
+    out = Path(args.out or REPO / "benchmarks" / f"bench_ray{'_haproxy' if args.haproxy else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "plain": plain, "serve_1_replica": one, "serve_2_replicas": two,
                                "ratios": {"itl_serve_over_plain": one["one_session_itl_ms"]
