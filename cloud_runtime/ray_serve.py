@@ -48,6 +48,7 @@ from cloud_runtime.replica_stats import REPORT_INTERVAL_S, STALE_AFTER_S, aggreg
 from cloud_runtime.server import LOG_FORMAT, WS_PATH, CloudRuntime, health_body, open_runtime
 from fogline import sd_notify
 from fogline.aio import cancel_and_wait
+from fogline.errors import ConfigError
 
 log = logging.getLogger("fogline.cloud.ray")
 
@@ -206,7 +207,10 @@ def run(config: CloudConfig) -> int:
     """Deploy on Ray (a local one unless `ray_address`), serve until SIGINT/SIGTERM, then delete the app."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report unless the operator asks for one
     if config.ray_address:
-        ray.init(address=config.ray_address)
+        try:
+            ray.init(address=config.ray_address)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot join the Ray cluster at {config.ray_address}: {e}") from None
     else:  # a one-node cluster for this machine: its internal traffic stays on the loopback
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
