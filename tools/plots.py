@@ -53,14 +53,17 @@ def tokens_vs_streams(result: dict[str, Any], path: str | os.PathLike[str]) -> P
     """bench_edge's {"streams": [...], "aggregate": {where: [tok/s per stream count]}, "single": {...}}."""
     streams = result["streams"]
     labels = {"raw": "raw llama_decode (no sampling)", "engine": "fogline engine", "http": "fogline over HTTP"}
-    fig, (ax,) = figure(1, f"edge throughput vs concurrent streams ({result['threads']} threads, medians)")
+    n = result["threads"]
+    fig, (ax,) = figure(1, f"edge throughput vs concurrent streams ({n} thread{'s' * (n != 1)}, medians)")
     for where, values in result["aggregate"].items():
         ax.plot(streams, values, marker="o", label=labels.get(where, where), ls=":" if where == "raw" else "-")
     plain = result["single"].get("a")
     if plain is not None:
         ax.axhline(plain["decode_tps"], ls="--", color="#7f7f7f", lw=1,
-                   label="llama-cpp-python, 1 stream (decode)")
-    ax.set(xlabel="concurrent streams", ylabel="completion tokens/s (all streams)", xscale="log")
+                   label=f"llama-cpp-python, 1 stream, decode only: {plain['decode_tps']:.1f}")
+    ax.set(xlabel="concurrent streams", ylabel="completion tokens/s (all streams)")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
     ax.set_xticks(streams)
     ax.set_xticklabels([str(s) for s in streams])
     ax.set_ylim(bottom=0)
