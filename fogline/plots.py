@@ -47,7 +47,7 @@ def save(fig: Any, path: str | os.PathLike[str]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")  # keeps legends placed outside the axes
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

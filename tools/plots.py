@@ -36,7 +36,8 @@ def latency_vs_rtt(results: dict[str, dict[str, dict[str, float]]], path: str | 
     for ax in (wall, itl):
         ax.set_ylim(bottom=0)
         ax.set_xticks([float(r) for r in rtts])
-    wall.legend(fontsize=9)
+    fig.legend(*wall.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(modes),
+               fontsize=9, frameon=False)  # below both panels: no curve hidden behind it
     return save(fig, path)
 
 
