@@ -22,8 +22,8 @@ log = logging.getLogger("fogline.edge")
 _FLAGS: dict[str, str] = {
     "bundle": "bundle", "host": "host", "port": "port", "threads": "threads", "parallel": "parallel",
     "ctx_size": "ctx_size", "batch_size": "batch_size", "queue_size": "queue_size", "api_key": "api_key",
-    "model_name": "model_name", "strict_model_name": "strict_model_name", "mode": "default_mode", "capture_hidden": "capture_hidden",
-    "verify_bundle": "verify_bundle", "log_level": "log_level",
+    "model_name": "model_name", "strict_model_name": "strict_model_name", "mode": "default_mode",
+    "capture_hidden": "capture_hidden", "verify_bundle": "verify_bundle", "log_level": "log_level",
     "cloud_url": "cloud_url", "cloud_token": "cloud_token", "cloud_codec": "cloud_codec",
     "cloud_deadline_ms": "cloud_deadline_ms", "tau": "tau", "spec_gamma": "spec_gamma",
 }

@@ -280,7 +280,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         return await _collect(rt, api, builder, gen.events, gen.timing, gen.echo_text)
 
 
-def check_model(request: web.Request, rt: EdgeRuntime, asked: str) -> None:
+def _check_model(request: web.Request, rt: EdgeRuntime, asked: str) -> None:
     """Any name means the one model served, unless strict_model_name is set."""
     if request.app[CONFIG].strict_model_name and asked not in (rt.model_name, ollama_name(rt.model_name)):
         raise ApiError(ErrorKind.MODEL_NOT_FOUND, f"model {asked!r} not found; this server serves {rt.model_name!r}",
@@ -302,7 +302,7 @@ async def _submitted(request: web.Request, rt: EdgeRuntime, api: ApiRequest, t0:
                      ) -> AsyncIterator[_Generation]:
     """Submit `api` to the engine; leaving the block before its last event (client gone, failure)
     cancels it, which frees its KV sequence."""
-    check_model(request, rt, api.model)
+    _check_model(request, rt, api.model)
     prompt, echo_text = _prompt_tokens(rt, api)
     m = request.app[METRICS]
     gen = _Generation(uuid.uuid4().hex, _EventQueue(asyncio.get_running_loop()), _Timing(m, t0, request.app[AUTO]),
@@ -475,7 +475,7 @@ async def _ollama(request: web.Request, parse: Callable[..., OllamaRequest]) -> 
     req = parse(await _json_body(request), default_mode=request.app[CONFIG].default_mode)
     builder = OllamaBuilder(req.kind, ollama_name(rt.model_name), t0)
     if req.api is None:  # no prompt: Ollama's way to ask for the model to be loaded (it is)
-        check_model(request, rt, req.model)
+        _check_model(request, rt, req.model)
         return web.json_response(builder.load())
     async with _submitted(request, rt, req.api, t0) as gen:
         resp = None
@@ -532,7 +532,7 @@ async def ollama_show(request: web.Request) -> web.Response:
     name = body.get("model", body.get("name")) if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
         raise invalid("'model' is required and must be a string", "model")
-    check_model(request, rt, name)
+    _check_model(request, rt, name)
     return web.json_response(_served(request, rt).show())
 
 

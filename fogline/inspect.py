@@ -126,6 +126,5 @@ def plot_calibration(edge: Manifest | None, path: str) -> Path:
         raise BundleError("--plot: no exit calibration to draw (it is in an edge half exported with an exit adapter)")
     from fogline.plots import calibration_curves
 
-    c = edge.calibration
-    return calibration_curves([(f"K={edge.split}", c)], path,
-                              f"exit calibration, K={edge.split} {edge.quant} ({c.get('positions')} held-out positions)")
+    title = f"exit calibration, K={edge.split} {edge.quant} ({edge.calibration.get('positions')} held-out positions)"
+    return calibration_curves([(f"K={edge.split}", edge.calibration)], path, title)

@@ -80,8 +80,9 @@ def calibration_curves(curves: Sequence[tuple[str, dict[str, Any]]], path: str |
     if target is not None:
         trade.axhline(100 * target, ls="--", color="#555", lw=1, label=f"target {target:.0%}")
     trade.set(xlabel="tokens that exit at the edge (%)", ylabel="agreement of exited tokens with the full model (%)",
-              xlim=(0, 101))
-    rate.set(xlabel="confidence threshold τ", ylabel="tokens that exit at the edge (%)", xlim=(0, 1), ylim=(0, 101))
+              xlim=(-1, 102))
+    rate.set(xlabel="confidence threshold τ", ylabel="tokens that exit at the edge (%)", xlim=(-0.02, 1.02),
+             ylim=(0, 102))
     trade.legend(fontsize=9)
     rate.legend(fontsize=9, title="circle: default τ", title_fontsize=8)
     return save(fig, path)

@@ -217,3 +217,14 @@ def test_strict_model_names_and_api_key(strict):
         oa.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=2)
     assert e.value.code == "model_not_found" and "gpt-4o" in e.value.message
     assert oa.chat.completions.create(model="fogline-edge-k20", messages=MSGS, max_tokens=2).model == "fogline-edge-k20"
+
+
+def test_strict_model_name_setting(demo_bundle, tmp_path):
+    from edge_runtime.config import load_config
+
+    bundle = str(demo_bundle / "edge")
+    assert load_config(env={}, overrides={"bundle": bundle}).strict_model_name is False  # lenient by default
+    assert load_config(env={"FOGLINE_EDGE_STRICT_MODEL_NAME": "yes"}, overrides={"bundle": bundle}).strict_model_name
+    toml = tmp_path / "edge.toml"
+    toml.write_text(f'bundle = "{bundle}"\nstrict_model_name = true\n')
+    assert load_config(toml, env={}).strict_model_name

@@ -39,8 +39,8 @@ def test_benchmark_figures(tmp_path):
     from tools import plots
 
     modes = ("edge", "collab", "spec", "cloud", "cloud-only", "naive split")
-    collab = {str(rtt): {mode: {"wall_s": 0.5 + k * rtt / 100, "itl_ms": 10 + k * rtt / 4} for k, mode in enumerate(modes)}
-              for rtt in (20, 50, 100)}
+    collab = {str(rtt): {mode: {"wall_s": 0.5 + k * rtt / 100, "itl_ms": 10 + k * rtt / 4}
+                         for k, mode in enumerate(modes)} for rtt in (20, 50, 100)}
     assert _is_png(plots.latency_vs_rtt(collab, tmp_path / "collab.png", 20.0))
     rows = [{"K": k, "quant": "Q8_0", "blocks": 1, "edge_compute_fraction": f, "answers": 50, "positions": 6430,
              "adapter": _calibration(), "curve": _curve(s)} for k, f, s in ((10, 0.5, 0.0), (20, 0.76, 0.3))]
