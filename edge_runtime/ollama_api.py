@@ -23,7 +23,7 @@ from edge_runtime.chat import normalize_messages
 from edge_runtime.config import MODES
 from edge_runtime.engine import StreamEvent
 from edge_runtime.errors import invalid
-from edge_runtime.openai_api import ApiRequest, _get_bool, _get_int, _get_number
+from edge_runtime.openai_api import ApiRequest, _get_bool, _get_int, _get_number, _stop
 from edge_runtime.sampling import SamplingParams
 
 log = logging.getLogger("fogline.edge.ollama")
@@ -81,18 +81,6 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _stop(opts: dict[str, Any]) -> tuple[str, ...]:
-    v = opts.get("stop")
-    if v is None:
-        return ()
-    v = [v] if isinstance(v, str) else v
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise invalid("'stop' must be a string or an array of strings", "stop")
-    if len(v) > MAX_STOP:
-        raise invalid(f"'stop' takes at most {MAX_STOP} sequences, got {len(v)}", "stop")
-    return tuple(s for s in v if s)
-
-
 def _sampling(opts: dict[str, Any]) -> SamplingParams:
     seed = _get_int(opts, "seed", -(2 ** 63), 2 ** 64 - 1)
     n = _get_int(opts, "num_predict", -2)
@@ -109,7 +97,7 @@ def _sampling(opts: dict[str, Any]) -> SamplingParams:
         frequency_penalty=_get_number(opts, "frequency_penalty", 0.0, -2.0, 2.0),
         repeat_penalty=_get_number(opts, "repeat_penalty", DEFAULTS["repeat_penalty"], 0.001, 10.0),
         repeat_last_n=DEFAULTS["repeat_last_n"] if last is None else (NO_LIMIT if last == -1 else last),
-        max_tokens=None if n is None or n < 0 else n, stop=_stop(opts))
+        max_tokens=None if n is None or n < 0 else n, stop=_stop(opts, MAX_STOP))
 
 
 def _common(body: Any, default_mode: str) -> tuple[str, bool, dict[str, Any]]:

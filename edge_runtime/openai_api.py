@@ -86,7 +86,7 @@ def _refuse(body: dict[str, Any], key: str, allowed: Callable[[Any], bool], why:
         raise invalid(f"'{key}' is not supported: {why}", key)
 
 
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+def _stop(body: dict[str, Any], limit: int = MAX_STOP) -> tuple[str, ...]:
     v = body.get("stop")
     if v is None:
         return ()
@@ -94,8 +94,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise invalid("'stop' must be a string or an array of strings", "stop")
-    if len(v) > MAX_STOP:
-        raise invalid(f"'stop' takes at most {MAX_STOP} sequences, got {len(v)}", "stop")
+    if len(v) > limit:
+        raise invalid(f"'stop' takes at most {limit} sequences, got {len(v)}", "stop")
     return tuple(s for s in v if s)
 
 
