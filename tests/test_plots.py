@@ -44,7 +44,7 @@ def test_benchmark_figures(tmp_path):
     assert _is_png(plots.latency_vs_rtt(collab, tmp_path / "collab.png", 20.0))
     rows = [{"K": k, "quant": "Q8_0", "blocks": 1, "edge_compute_fraction": f, "answers": 50, "positions": 6430,
              "adapter": _calibration(), "curve": _curve(s)} for k, f, s in ((10, 0.5, 0.0), (20, 0.76, 0.3))]
-    assert _is_png(plots.exit_calibration(rows, tmp_path / "exit.png"))
+    assert _is_png(plots.exit_calibration(rows, tmp_path / "exit.png", 0.95))
     edge = {"threads": 2, "streams": [1, 2, 4, 8], "single": {"a": {"decode_tps": 80.0, "prompt_tps": 900.0}},
             "aggregate": {"raw": [90, 160, 260, 330], "engine": [75, 130, 210, 260], "http": [70, 120, 190, 240]}}
     assert _is_png(plots.tokens_vs_streams(edge, tmp_path / "edge.png"))

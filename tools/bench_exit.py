@@ -85,7 +85,7 @@ def main() -> int:
     print(format_table(rows, args.target_agreement))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-        print("figure:", plots.exit_calibration(rows, Path(args.json).with_suffix(".png")))
+        print("figure:", plots.exit_calibration(rows, Path(args.json).with_suffix(".png"), args.target_agreement))
     return 0
 
 

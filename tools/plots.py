@@ -41,13 +41,15 @@ def latency_vs_rtt(results: dict[str, dict[str, dict[str, float]]], path: str | 
     return save(fig, path)
 
 
-def exit_calibration(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """bench_exit's rows (each with the adapter's calibration `curve`): one curve per K."""
+def exit_calibration(rows: list[dict[str, Any]], path: str | os.PathLike[str], target: float) -> Path:
+    """bench_exit's rows (each with the adapter's calibration `curve`): one curve per K, and the
+    target agreement the default τ was chosen for."""
     r0 = rows[0]
     title = (f"exit calibration per split ({r0['answers']} held-out answers, {r0['positions']} positions, "
              f"{r0['quant']}, {r0['blocks']}-block adapter)")
     return calibration_curves([(f"K={r['K']} ({r['edge_compute_fraction']:.0%} edge compute)",
-                                {**r["adapter"], "curve": r["curve"]}) for r in rows], path, title)
+                                {**r["adapter"], "curve": r["curve"], "target_agreement": target}) for r in rows],
+                              path, title)
 
 
 def tokens_vs_streams(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
