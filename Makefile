@@ -23,9 +23,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python tools/demo.py --out $(DEMO) --split $(SPLIT) --quant $(QUANT)
 
-# The unit-file tests need systemd-analyze (Debian's systemd package); root installs it.
+# The unit-file tests need systemd-analyze (Debian's systemd package), the chat page test a
+# headless Chromium and its driver (Debian's chromium + chromium-driver); root installs them.
 test: setup
 	@command -v systemd-analyze >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd; } || echo "systemd-analyze unavailable: unit checks will be skipped"
+	@command -v chromedriver >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; } || echo "chromium unavailable: the chat page test will be skipped"
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -56,10 +56,13 @@ class EdgeConfig:
     queue_size: int = 32
     # Retry-After (seconds) sent with a 429.
     retry_after_s: int = 1
-    # If set, /v1/* requires `Authorization: Bearer <api_key>`.
+    # If set, /v1/* and /api/* (the Ollama API) require `Authorization: Bearer <api_key>`.
     api_key: str = ""
-    # Model id served by /v1/models and accepted in requests; empty: "fogline-edge-k<K>".
+    # Model id served by /v1/models, /api/tags and reported in every response; empty: "fogline-edge-k<K>".
     model_name: str = ""
+    # Refuse requests naming another model (OpenAI: 400 model_not_found, Ollama: 404). Off (the
+    # default, like llama.cpp's server): one model is served, so any name means this one.
+    strict_model_name: bool = False
     # Mode used when a request does not say (edge|collab|spec|cloud|auto).
     default_mode: str = "edge"
     # Keep h_K (fp16) for every position so it can be uploaded to a cloud later.

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -528,7 +528,7 @@ class Engine:
                 seq.hidden.truncate(cut)
         if applied is not None:
             applied()
-        for ch in emit + ([correction] if keep else []):
+        for ch in [replace(c, origin="draft") for c in emit] + ([correction] if keep else []):
             self._accept(seq, ch, append=False)
             if rid not in self._running:
                 return

@@ -2,15 +2,16 @@
 
 Every failure a client can see is an `ApiError` carrying an `ErrorKind`; the
 server turns it into OpenAI's `{"error": {"message", "type", "param", "code"}}`
-body in exactly one place (`error_body` / `http_status`). Engine and config
-errors are FoglineErrors; `as_api_error` maps those too, so handlers never
-build error JSON themselves.
+body in exactly one place (`error_body` / `http_status`), or into Ollama's
+`{"error": message}` for the Ollama API under /api/ (`surface_of` says which a
+path belongs to). Engine and config errors are FoglineErrors; `as_api_error`
+maps those too, so handlers never build error JSON themselves.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 from fogline.errors import ConfigError, FoglineError
 
@@ -71,9 +72,21 @@ def as_api_error(exc: BaseException) -> ApiError:
     return ApiError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def error_body(err: ApiError) -> dict[str, Any]:
+Surface = Literal["openai", "ollama"]
+
+
+def surface_of(path: str) -> Surface:
+    """The API a request path belongs to: its errors take that API's shape."""
+    return "ollama" if path.startswith("/api/") else "openai"
+
+
+def error_body(err: ApiError, surface: Surface = "openai") -> dict[str, Any]:
+    if surface == "ollama":
+        return {"error": str(err)}
     return {"error": {"message": str(err), "type": err.kind.type, "param": err.param, "code": err.code}}
 
 
-def http_status(err: ApiError) -> int:
+def http_status(err: ApiError, surface: Surface = "openai") -> int:
+    if surface == "ollama" and err.kind is ErrorKind.MODEL_NOT_FOUND:
+        return 404  # Ollama answers an unknown model with 404; OpenAI treats it as a bad field
     return err.kind.status

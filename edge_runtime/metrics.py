@@ -26,8 +26,8 @@ class EdgeMetrics:
                                 ["endpoint", "status"], registry=r)
         self.tokens = Counter("fogline_edge_tokens", "Completion tokens by where they were decided",
                               ["origin"], registry=r)
-        for origin in ("edge", "cloud"):
-            self.tokens.labels(origin)  # both series exist from the start
+        for origin in ("edge", "cloud", "draft"):
+            self.tokens.labels(origin)  # every series exists from the start
         self.prompt_tokens = Counter("fogline_edge_prompt_tokens", "Prompt tokens processed", registry=r)
         self.finished = Counter("fogline_edge_finished", "Generations by finish reason", ["reason"], registry=r)
         self.fallbacks = Counter("fogline_edge_fallbacks", "Requests served in edge mode instead of the mode asked for",

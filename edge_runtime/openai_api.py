@@ -86,7 +86,7 @@ def _refuse(body: dict[str, Any], key: str, allowed: Callable[[Any], bool], why:
         raise invalid(f"'{key}' is not supported: {why}", key)
 
 
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+def _stop(body: dict[str, Any], limit: int = MAX_STOP) -> tuple[str, ...]:
     v = body.get("stop")
     if v is None:
         return ()
@@ -94,8 +94,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise invalid("'stop' must be a string or an array of strings", "stop")
-    if len(v) > MAX_STOP:
-        raise invalid(f"'stop' takes at most {MAX_STOP} sequences, got {len(v)}", "stop")
+    if len(v) > limit:
+        raise invalid(f"'stop' takes at most {limit} sequences, got {len(v)}", "stop")
     return tuple(s for s in v if s)
 
 
@@ -223,6 +223,7 @@ class ResponseBuilder:
     lp_entries: list[dict[str, Any]] = field(default_factory=list)  # chat logprobs content
     lp_tokens: list[tuple[str, float, dict[str, float]]] = field(default_factory=list)  # completion logprobs
     text_offset: int = 0
+    origin: str | None = None  # where the latest token was computed (TokenChoice.origin)
 
     @property
     def id(self) -> str:
@@ -246,6 +247,8 @@ class ResponseBuilder:
     def add(self, ev: StreamEvent, is_eog: bool) -> dict[str, Any] | None:
         """Account one event; return its logprobs fragment (or None)."""
         self.text_parts.append(ev.text)
+        if ev.choice is not None:
+            self.origin = ev.choice.origin
         frag = None
         if self.logprobs and ev.choice is not None and not is_eog:
             frag = self._logprob_piece(ev.choice)
@@ -273,6 +276,8 @@ class ResponseBuilder:
         out = {**self._head(), "choices": [choice]}
         if stats is not None:
             out["fogline"] = stats.as_dict()
+        elif text and self.origin is not None:
+            out["fogline"] = {"origin": self.origin}  # the extension the chat page colours tokens by
         return out
 
     def usage_chunk(self, ev: StreamEvent) -> dict[str, Any]:

@@ -15,6 +15,7 @@ dice.
 from __future__ import annotations
 
 import codecs
+import collections
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +37,10 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # llama.cpp's repeat penalty (the Ollama API's `repeat_penalty`): a token among the last
+    # `repeat_last_n` completion tokens has its logit divided by it (multiplied when negative)
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int = 0
@@ -52,7 +57,7 @@ class TokenChoice:
     logprob: float  # log p(token) under the model's distribution
     confidence: float  # max probability of that distribution
     top_logprobs: tuple[tuple[int, float], ...] = ()
-    origin: str = "edge"  # "edge" (exit head) or "cloud" (deep layers)
+    origin: str = "edge"  # "edge" (exit head), "cloud" (deep layers), "draft" (an edge draft the cloud accepted)
 
 
 def log_normalizer(logits: np.ndarray) -> tuple[float, float]:
@@ -69,22 +74,29 @@ class Sampler:
         self.n_vocab = n_vocab
         self.rng = np.random.default_rng(params.seed)
         self._counts: dict[int, int] = {}
+        self._recent: collections.deque[int] = collections.deque(maxlen=max(params.repeat_last_n, 0))
         self._bias_idx = np.fromiter((int(k) for k in params.logit_bias), dtype=np.int64)
         self._bias_val = np.fromiter((float(v) for v in params.logit_bias.values()), dtype=np.float32)
 
     def observe(self, token: int) -> None:
         """Record a token of the completion (penalties count completion tokens only)."""
         self._counts[token] = self._counts.get(token, 0) + 1
+        self._recent.append(token)
 
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
-        """Logits after logit_bias and presence/frequency penalties (a copy only when needed)."""
+        """Logits after logit_bias, presence/frequency and repeat penalties (a copy only when needed)."""
         p = self.params
         penal = (p.presence_penalty or p.frequency_penalty) and self._counts
-        if not len(self._bias_idx) and not penal:
+        repeat = p.repeat_penalty != 1.0 and self._recent
+        if not len(self._bias_idx) and not penal and not repeat:
             return logits
         out = logits.astype(np.float32, copy=True)
         if len(self._bias_idx):
             out[self._bias_idx] += self._bias_val
+        if repeat:
+            idx = np.fromiter(set(self._recent), dtype=np.int64)
+            v = out[idx]
+            out[idx] = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
         if penal:
             idx = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
             cnt = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))

@@ -22,8 +22,8 @@ log = logging.getLogger("fogline.edge")
 _FLAGS: dict[str, str] = {
     "bundle": "bundle", "host": "host", "port": "port", "threads": "threads", "parallel": "parallel",
     "ctx_size": "ctx_size", "batch_size": "batch_size", "queue_size": "queue_size", "api_key": "api_key",
-    "model_name": "model_name", "mode": "default_mode", "capture_hidden": "capture_hidden",
-    "verify_bundle": "verify_bundle", "log_level": "log_level",
+    "model_name": "model_name", "strict_model_name": "strict_model_name", "mode": "default_mode",
+    "capture_hidden": "capture_hidden", "verify_bundle": "verify_bundle", "log_level": "log_level",
     "cloud_url": "cloud_url", "cloud_token": "cloud_token", "cloud_codec": "cloud_codec",
     "cloud_deadline_ms": "cloud_deadline_ms", "tau": "tau", "spec_gamma": "spec_gamma",
 }
@@ -39,8 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx-size", type=int, help="tokens per request, prompt + completion (default 2048)")
     p.add_argument("--batch-size", type=int, help="most tokens per decode step (default 512)")
     p.add_argument("--queue-size", type=int, help="requests that may wait for a sequence before 429 (default 32)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/* and /api/*")
     p.add_argument("--model-name", help="model id to serve (default fogline-edge-k<K>)")
+    p.add_argument("--strict-model-name", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse requests that name another model (default off: any name means the served one)")
     p.add_argument("--mode", choices=MODES, help="default mode for requests that name none (default edge)")
     p.add_argument("--capture-hidden", action=argparse.BooleanOptionalAction, default=None,
                    help="keep h_K of every position for a later cloud upload (default off)")

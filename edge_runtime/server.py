@@ -1,4 +1,5 @@
-"""The edge daemon's HTTP API (aiohttp): OpenAI-compatible endpoints, /health, /metrics.
+"""The edge daemon's HTTP API (aiohttp): OpenAI-compatible endpoints, the Ollama API under
+/api/, the chat page at /, /health, /metrics.
 
 `create_app(config)` builds the application; the llama.cpp runtime is a
 `cleanup_ctx` resource loaded in a worker thread, so the server answers
@@ -12,6 +13,7 @@ frees its KV sequence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,16 +30,23 @@ from edge_runtime.auto_mode import AutoMode
 from edge_runtime.config import EdgeConfig
 from edge_runtime.device_monitor import DeviceMonitor, register_device_metrics
 from edge_runtime.engine import GenerationRequest, StreamEvent
-from edge_runtime.errors import ApiError, ErrorKind, as_api_error, error_body, http_status, invalid
+from edge_runtime.errors import (ApiError, ErrorKind, Surface, as_api_error, error_body, http_status, invalid,
+                                 surface_of)
 from edge_runtime.loader import EdgeRuntime, load_runtime
 from edge_runtime.metrics import EdgeMetrics
+from edge_runtime.ollama_api import (OLLAMA_VERSION, OllamaBuilder, OllamaRequest, ServedModel, ollama_name,
+                                     parse_ollama_chat, parse_ollama_generate)
 from edge_runtime.openai_api import (ApiRequest, ResponseBuilder, finish_error, models_list, parse_chat,
                                      parse_completion)
+from fogline import __version__
 from fogline.aio import cancel_and_wait
 
 log = logging.getLogger("fogline.edge.http")
 
 Loader = Callable[[EdgeConfig], EdgeRuntime]
+STATIC = Path(__file__).with_name("static")  # the chat page (package data: no CDN, works offline)
+# routes whose requests /metrics counts by status
+COUNTED = frozenset({"chat", "completions", "models", "api_chat", "api_generate", "api_tags", "api_show"})
 
 
 @dataclass
@@ -71,8 +81,15 @@ def create_app(config: EdgeConfig, *, loader: Loader = load_runtime) -> web.Appl
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
     app.router.add_post("/v1/completions", completions, name="completions")
     app.router.add_get("/v1/models", list_models, name="models")
+    app.router.add_post("/api/chat", ollama_chat, name="api_chat")
+    app.router.add_post("/api/generate", ollama_generate, name="api_generate")
+    app.router.add_get("/api/tags", ollama_tags, name="api_tags")
+    app.router.add_post("/api/show", ollama_show, name="api_show")
+    app.router.add_get("/api/version", ollama_version, name="api_version")
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/metrics", metrics, name="metrics")
+    app.router.add_get("/", chat_page, name="page")
+    app.router.add_static("/static/", STATIC, name="static")
     return app
 
 
@@ -149,11 +166,11 @@ def _start_bridge(cfg: EdgeConfig, rt: EdgeRuntime, m: EdgeMetrics, loop: asynci
 # --------------------------------------------------------------------------- middlewares
 
 
-def error_response(err: ApiError) -> web.Response:
+def error_response(err: ApiError, surface: Surface = "openai") -> web.Response:
     headers = {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
-    return web.json_response(error_body(err), status=http_status(err), headers=headers)
+    return web.json_response(error_body(err, surface), status=http_status(err, surface), headers=headers)
 
 
 _HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.PAYLOAD_TOO_LARGE}
@@ -162,28 +179,29 @@ _HTTP_KINDS = {404: ErrorKind.NOT_FOUND, 405: ErrorKind.METHOD_NOT_ALLOWED, 413:
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
-    """The one place where exceptions become OpenAI-style error bodies."""
+    """The one place where exceptions become error bodies: OpenAI's shape, Ollama's under /api/."""
+    surface = surface_of(request.path)
     try:
         return await handler(request)
     except ApiError as e:
-        return error_response(e)
+        return error_response(e, surface)
     except web.HTTPException as e:
         kind = _HTTP_KINDS.get(e.status)
         if kind is None:
             raise
-        return error_response(ApiError(kind, f"{request.method} {request.path}: {e.reason}"))
+        return error_response(ApiError(kind, f"{request.method} {request.path}: {e.reason}"), surface)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as e:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(as_api_error(e))
+        return error_response(as_api_error(e), surface)
 
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
     key = request.app[CONFIG].api_key
-    if key and request.path.startswith("/v1/"):
+    if key and request.path.startswith(("/v1/", "/api/")):
         got = request.headers.get("Authorization", "")
         scheme, _, token = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -212,7 +230,7 @@ async def _metrics_middleware(request: web.Request, handler: Callable[[web.Reque
         status = "500"
         raise
     finally:
-        if route in ("chat", "completions", "models"):
+        if route in COUNTED:
             request.app[METRICS].requests.labels(route, status).inc()
 
 
@@ -250,40 +268,60 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     t0 = time.monotonic()
     rt = _ready(request)
-    cfg = request.app[CONFIG]
     body = await _json_body(request)
     parse = parse_chat if kind == "chat" else parse_completion
-    api = parse(body, n_vocab=rt.model.n_vocab, default_mode=cfg.default_mode)
-    if api.model != rt.model_name:
-        raise ApiError(ErrorKind.MODEL_NOT_FOUND, f"model {api.model!r} does not exist here; "
-                       f"this server serves {rt.model_name!r}", param="model")
+    api = parse(body, n_vocab=rt.model.n_vocab, default_mode=request.app[CONFIG].default_mode)
+    async with _submitted(request, rt, api, t0) as gen:
+        builder = ResponseBuilder(kind=api.kind, model=rt.model_name, piece=rt.model.token_bytes,
+                                  fingerprint=f"fogline-{rt.manifest.fingerprint[:12]}-k{rt.manifest.split}",
+                                  logprobs=api.params.logprobs)
+        if api.stream:
+            return await _stream(request, rt, api, builder, gen.events, gen.timing)
+        return await _collect(rt, api, builder, gen.events, gen.timing, gen.echo_text)
+
+
+def _check_model(request: web.Request, rt: EdgeRuntime, asked: str) -> None:
+    """Any name means the one model served, unless strict_model_name is set."""
+    if request.app[CONFIG].strict_model_name and asked not in (rt.model_name, ollama_name(rt.model_name)):
+        raise ApiError(ErrorKind.MODEL_NOT_FOUND, f"model {asked!r} not found; this server serves {rt.model_name!r}",
+                       param="model")
+
+
+@dataclass
+class _Generation:
+    """One request handed to the engine: where its events arrive and how they are timed."""
+
+    rid: str
+    events: _EventQueue
+    timing: _Timing
+    echo_text: str
+
+
+@contextlib.asynccontextmanager
+async def _submitted(request: web.Request, rt: EdgeRuntime, api: ApiRequest, t0: float
+                     ) -> AsyncIterator[_Generation]:
+    """Submit `api` to the engine; leaving the block before its last event (client gone, failure)
+    cancels it, which frees its KV sequence."""
+    _check_model(request, rt, api.model)
     prompt, echo_text = _prompt_tokens(rt, api)
-    rid = uuid.uuid4().hex
-    events = _EventQueue(asyncio.get_running_loop())
     m = request.app[METRICS]
-    timing = _Timing(m, t0, request.app[AUTO])
+    gen = _Generation(uuid.uuid4().hex, _EventQueue(asyncio.get_running_loop()), _Timing(m, t0, request.app[AUTO]),
+                      echo_text)
     mode, tau, gamma = api.mode, api.tau, None
     if mode == "auto":  # the policy picks the arm; the request then runs as that mode
-        timing.decision = request.app[AUTO].choose(api.slo_ms)
-        mode, tau, gamma = AutoMode.plan(timing.decision)
+        gen.timing.decision = request.app[AUTO].choose(api.slo_ms)
+        mode, tau, gamma = AutoMode.plan(gen.timing.decision)
     capture = mode in ("collab", "spec", "cloud") and request.app[RUNTIME].bridge is not None
-    rt.engine.submit(GenerationRequest(rid, prompt, api.params, mode, capture_hidden=capture, tau=tau, gamma=gamma),
-                     events.emit)
+    rt.engine.submit(GenerationRequest(gen.rid, prompt, api.params, mode, capture_hidden=capture, tau=tau,
+                                       gamma=gamma), gen.events.emit)
     m.prompt_tokens.inc(len(prompt))
-    builder = ResponseBuilder(kind=api.kind, model=rt.model_name, piece=rt.model.token_bytes,
-                              fingerprint=f"fogline-{rt.manifest.fingerprint[:12]}-k{rt.manifest.split}",
-                              logprobs=api.params.logprobs)
     finished = False
     try:
-        if api.stream:
-            resp = await _stream(request, rt, api, builder, events, timing)
-        else:
-            resp = await _collect(rt, api, builder, events, timing, echo_text)
+        yield gen
         finished = True
-        return resp
     finally:
-        if not finished or not events.finished:
-            rt.engine.cancel(rid)  # client gone or failure: stop generating, free the sequence
+        if not finished or not gen.events.finished:
+            rt.engine.cancel(gen.rid)  # client gone or failure: stop generating, free the sequence
             m.finished.labels("cancelled").inc()
 
 
@@ -418,6 +456,95 @@ async def _stream(request: web.Request, rt: EdgeRuntime, api: ApiRequest, builde
             await resp.write(b"".join(out))  # raises if the client is gone -> the request is cancelled
 
 
+async def ollama_chat(request: web.Request) -> web.StreamResponse:
+    return await _ollama(request, parse_ollama_chat)
+
+
+async def ollama_generate(request: web.Request) -> web.StreamResponse:
+    return await _ollama(request, parse_ollama_generate)
+
+
+def _ndjson(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+async def _ollama(request: web.Request, parse: Callable[..., OllamaRequest]) -> web.StreamResponse:
+    """/api/chat and /api/generate: NDJSON lines while streaming (Ollama's default), else one object."""
+    t0 = time.monotonic()
+    rt = _ready(request)
+    req = parse(await _json_body(request), default_mode=request.app[CONFIG].default_mode)
+    builder = OllamaBuilder(req.kind, ollama_name(rt.model_name), t0)
+    if req.api is None:  # no prompt: Ollama's way to ask for the model to be loaded (it is)
+        _check_model(request, rt, req.model)
+        return web.json_response(builder.load())
+    async with _submitted(request, rt, req.api, t0) as gen:
+        resp = None
+        if req.stream:
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+        origin = None
+        while True:
+            lines = []
+            for ev in await gen.events.next_batch():
+                if ev.choice is not None:
+                    gen.timing.token(ev)
+                    origin = ev.choice.origin
+                if ev.text:
+                    lines.append(builder.chunk(ev.text, origin))
+                if ev.finish_reason is None:
+                    continue
+                gen.timing.finish(ev, req.api.mode)
+                err = finish_error(ev)
+                final = builder.final(ev, gen.timing.first, gen.timing.last, whole=resp is None)
+                if resp is None:
+                    if err is not None:
+                        raise err
+                    return web.json_response(final)
+                lines.append(error_body(err, "ollama") if err is not None else final)
+                await resp.write(b"".join(map(_ndjson, lines)))
+                await resp.write_eof()
+                return resp
+            if resp is not None and lines:
+                await resp.write(b"".join(map(_ndjson, lines)))  # raises if the client is gone -> cancelled
+
+
+def _served(request: web.Request, rt: EdgeRuntime) -> ServedModel:
+    m, gguf = rt.manifest, rt.model.path
+    st = gguf.stat()
+    digest = next((sha for rel, sha in m.files.items() if rel.endswith(".gguf")), "")
+    info = {"general.architecture": m.architecture, f"{m.architecture}.block_count": m.n_layers,
+            f"{m.architecture}.embedding_length": m.hidden_size, f"{m.architecture}.vocab_size": m.vocab_size,
+            f"{m.architecture}.context_length": request.app[CONFIG].ctx_size, "fogline.split": m.split,
+            "fogline.edge_blocks": rt.model.n_layer, "fogline.fingerprint": m.fingerprint}
+    return ServedModel(name=ollama_name(rt.model_name), architecture=m.architecture, quant=m.quant,
+                       size_label=rt.model.meta("general.size_label"), gguf=str(gguf), size=st.st_size,
+                       digest=digest, modified=st.st_mtime, template=rt.template.source, info=info)
+
+
+async def ollama_tags(request: web.Request) -> web.Response:
+    rt = _ready(request)
+    return web.json_response({"models": [_served(request, rt).tag()]})
+
+
+async def ollama_show(request: web.Request) -> web.Response:
+    rt = _ready(request)
+    body = await _json_body(request)
+    name = body.get("model", body.get("name")) if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise invalid("'model' is required and must be a string", "model")
+    _check_model(request, rt, name)
+    return web.json_response(_served(request, rt).show())
+
+
+async def ollama_version(request: web.Request) -> web.Response:
+    return web.json_response({"version": OLLAMA_VERSION, "fogline": __version__})
+
+
+async def chat_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": "default-src 'self'",
+                                                             "Cache-Control": "no-cache"})
+
+
 async def list_models(request: web.Request) -> web.Response:
     rt = _ready(request)
     return web.json_response(models_list(rt.model_name, int(request.app[RUNTIME].started)))
@@ -426,6 +553,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     slot, cfg = request.app[RUNTIME], request.app[CONFIG]
     body: dict[str, Any] = {"status": "loading", "parallel": cfg.parallel, "capture_hidden": cfg.capture_hidden,
+                            "default_mode": cfg.default_mode,
                             "cloud": {"configured": False, "connected": False}}
     if slot.bridge is not None:
         body["cloud"] = slot.bridge.state()

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print a bundle's manifest and re-verify its file hashes")
     p.add_argument("bundle", help="an export directory (with edge/ and cloud/) or one half of it")
+    p.add_argument("--plot", metavar="PNG", help="also draw the edge half's exit calibration curve to this file")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser("cloud", help="the cloud half: serve the deep layers to edges")

@@ -1,4 +1,5 @@
-"""`fogline inspect DIR`: what a bundle holds, and whether its files are intact."""
+"""`fogline inspect DIR [--plot PNG]`: what a bundle holds, whether its files are intact, and
+(--plot) its exit calibration curve as a picture."""
 
 from __future__ import annotations
 
@@ -112,6 +113,18 @@ def main(args: argparse.Namespace) -> int:
     if "edge" in manifests and "cloud" in manifests:
         check_pair(manifests["edge"], manifests["cloud"])
         print("pair         edge and cloud halves match (fingerprint, K)")
+    if getattr(args, "plot", None):
+        print(f"plot         {plot_calibration(manifests.get('edge'), args.plot)}")
     if bad:
         raise BundleError(f"{bad} file(s) do not match the manifest")
     return 0
+
+
+def plot_calibration(edge: Manifest | None, path: str) -> Path:
+    """`--plot PATH`: the edge half's exit calibration curve as a PNG."""
+    if edge is None or not edge.calibration or not edge.calibration.get("curve"):
+        raise BundleError("--plot: no exit calibration to draw (it is in an edge half exported with an exit adapter)")
+    from fogline.plots import calibration_curves
+
+    title = f"exit calibration, K={edge.split} {edge.quant} ({edge.calibration.get('positions')} held-out positions)"
+    return calibration_curves([(f"K={edge.split}", edge.calibration)], path, title)

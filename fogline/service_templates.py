@@ -234,12 +234,14 @@ bundle = "/var/lib/fogline/bundle/edge"
 #queue_size = 32
 #retry_after_s = 1
 
-# Require `Authorization: Bearer <key>` on /v1/*. Do not write it here (this file is
+# Require `Authorization: Bearer <key>` on /v1/* and /api/*. Do not write it here (this file is
 # world-readable): put FOGLINE_EDGE_API_KEY=... in @CONFIG_DIR@/edge.env (mode 0600).
 #api_key = ""
 
-# Model id for /v1/models; empty means "fogline-edge-k<K>".
+# Model id for /v1/models and /api/tags; empty means "fogline-edge-k<K>".
 #model_name = ""
+# Refuse requests that name another model (default: any name means the one served).
+#strict_model_name = false
 
 # Mode for requests that name none: edge | collab | spec | cloud | auto.
 #default_mode = "edge"

@@ -100,6 +100,7 @@ def main() -> int:
     from openai import OpenAI
 
     from tests.edge_server_util import start_edge_server
+    from tools import plots
     from tools.wanem import LinkShape, WanEmulator
 
     bundle = Path(args.bundle)
@@ -206,6 +207,7 @@ def main() -> int:
             p.wait()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+        print("figure:", plots.latency_vs_rtt(results, Path(args.json).with_suffix(".png"), args.mbit))
     print(json.dumps(results))
     return 0
 

@@ -15,7 +15,7 @@ included), in-process and over HTTP. Every figure is the median over
 --repeats runs; the variants are interleaved in each repeat so that a noisy
 neighbour hurts them alike.
 
-    python tools/bench_edge.py --bundle out/k20q8/edge [--threads N] [--repeats 5]
+    python tools/bench_edge.py --bundle out/k20q8/edge [--threads N] [--repeats 5] [--json edge.json]
 """
 
 from __future__ import annotations
@@ -233,6 +233,7 @@ def main() -> int:
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--json", help="also write the medians to this file, and tokens/s vs streams as a PNG beside it")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     parallel = max(streams)
@@ -341,6 +342,15 @@ def main() -> int:
                 ratio = med(agg[(where, 4)]) / med(agg[(where, streams[0])])
                 print(f"target {where} aggregate at 4 streams >= 2x one stream: {ratio:.2f} -> "
                       f"{'met' if ratio >= 2 else 'MISSED'}")
+    if args.json:
+        result = {"bundle": args.bundle, "threads": args.threads, "repeats": args.repeats, "streams": streams,
+                  "single": {k: {"decode_tps": med([x.decode_tps for x in runs]),
+                                 "prompt_tps": med([x.prompt_tps for x in runs])} for k, runs in single.items() if runs},
+                  "aggregate": {w: [med(agg[(w, n)]) for n in streams] for w in labels if (w, streams[0]) in agg}}
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        from tools import plots
+
+        print("figure:", plots.tokens_vs_streams(result, Path(args.json).with_suffix(".png")))
     return 0
 
 

@@ -47,6 +47,7 @@ def main() -> int:
     from fogline.manifest import load_manifest
     from quantize.export import ExportRequest, run_export
     from quantize.source import load_source
+    from tools import plots
 
     splits = [int(k) for k in args.splits.split(",")]
     src = load_source(args.source)
@@ -73,7 +74,8 @@ def main() -> int:
                              "positions": c["positions"], "answers": c["answers"],
                              "train_positions": a["train_positions"], "epochs": a["epochs"],
                              "train_seconds": a["train_seconds"], "train_cpu_seconds": a["train_cpu_seconds"],
-                             "cached": a["cached"], "export_seconds": round(time.time() - t0, 1)})
+                             "cached": a["cached"], "export_seconds": round(time.time() - t0, 1),
+                             "curve": c["curve"]})
                 print(f"  K={k} done in {rows[-1]['export_seconds']} s", file=sys.stderr, flush=True)
     except FoglineError as e:
         print(f"bench_exit: error: {e}", file=sys.stderr)
@@ -83,6 +85,7 @@ def main() -> int:
     print(format_table(rows, args.target_agreement))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+        print("figure:", plots.exit_calibration(rows, Path(args.json).with_suffix(".png"), args.target_agreement))
     return 0
 
 
