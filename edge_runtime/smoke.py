@@ -51,10 +51,12 @@ class SmokeResult:
     system_info: str | None = None
     use_extra_bufts: bool | None = None
     decision: str | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # greedy decode, one token per step
+    prefill_tokens_per_s: float | None = None
     peak_rss: int | None = None  # bytes, the child's high-water mark
     text: str | None = None
     signal: str | None = None
+    stderr: str = ""  # the child's (llama.cpp logs there with FOGLINE_LLAMA_VERBOSE=1)
 
 
 def run_smoke(gguf: str | os.PathLike[str], shape: SmokeShape = SmokeShape(), *, timeout: float = 120.0,
@@ -73,11 +75,12 @@ def run_smoke(gguf: str | os.PathLike[str], shape: SmokeShape = SmokeShape(), *,
     info = _tagged(proc.stdout, _INFO) or {}
     result = _tagged(proc.stdout, _RESULT)
     facts = dict(version=info.get("version"), system_info=info.get("system_info"),
-                 use_extra_bufts=info.get("use_extra_bufts"), decision=info.get("decision"))
+                 use_extra_bufts=info.get("use_extra_bufts"), decision=info.get("decision"), stderr=proc.stderr)
     if proc.returncode == 0 and result is not None:
-        return SmokeResult(True, f"decoded {result['tokens']} tokens at {result['tokens_per_s']:.1f} tok/s",
-                           tokens_per_s=result["tokens_per_s"], peak_rss=result["peak_rss"], text=result["text"],
-                           **facts)
+        return SmokeResult(True, f"prefilled {result['prompt']} tokens at {result['prefill_tokens_per_s']:.0f} tok/s, "
+                                 f"decoded {result['tokens']} at {result['tokens_per_s']:.1f} tok/s",
+                           tokens_per_s=result["tokens_per_s"], prefill_tokens_per_s=result["prefill_tokens_per_s"],
+                           peak_rss=result["peak_rss"], text=result["text"], **facts)
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
         summary = (f"llama.cpp smoke decode of {gguf} died with {name}; llama.cpp {facts['version']} system info: "
@@ -122,13 +125,16 @@ def _child(argv: Sequence[str] | None = None) -> int:
         prompt += model.tokenize(" " + PROMPT, add_special=False)
     if a.prefill:
         prompt = prompt[:a.prefill]
+    start = time.perf_counter()
     token = int(prefill(ctx, prompt, capture_hidden=False).logits[-1].argmax())
+    prefill_s = time.perf_counter() - start
     out, start = [token], time.perf_counter()
     for i in range(a.tokens - 1):
         logits = ctx.decode([BatchRow(out[-1], len(prompt) + i, 0, True)]).logits
         out.append(int(logits[-1].argmax()))
     seconds = time.perf_counter() - start
-    print(_RESULT + json.dumps({"tokens": len(out), "tokens_per_s": (len(out) - 1) / seconds if seconds else 0.0,
+    print(_RESULT + json.dumps({"prompt": len(prompt), "prefill_tokens_per_s": len(prompt) / prefill_s,
+                                "tokens": len(out), "tokens_per_s": (len(out) - 1) / seconds,
                                 "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                                 "text": model.detokenize(out)}), flush=True)
     return 0
