@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import errno
 import importlib.util
+import json
 import os
 import socket
 import time
@@ -68,13 +69,13 @@ def run_checks(bundle: str | None, cloud_url: str | None, cloud_token: str, host
     gguf = _gguf(edge_dir, manifest, add)
     smoke = None
     if gguf is not None:
-        smoke, llama_checks = _llama_checks(gguf)
-        add(llama_checks)
-    add([_torch_check()])
-    add([_memory_check(smoke, edge_dir, manifest)])
+        smoke = _smoke(gguf)
+        add(llama_checks(gguf, smoke))
+    add([check_torch()])
+    add([check_memory(smoke, edge_dir, manifest)])
     if cloud_url:
-        add([_cloud_check(cloud_url, cloud_token, manifest)])
-    add([_port_check(host, port)])
+        add([check_cloud(cloud_url, cloud_token, manifest)])
+    add([check_port(host, port)])
     return checks
 
 
@@ -113,24 +114,31 @@ def _gguf(edge_dir: Path | None, manifest, add) -> Path | None:
         return None
 
 
-def _llama_checks(gguf: Path):
+def _smoke(gguf: Path):
+    """Decode the GGUF in a child with the daemon's default shape (its peak RSS is what
+    `fogline edge serve` will hold); None when llama-cpp-python is not installed."""
     from edge_runtime.config import EdgeConfig, physical_cores
     from edge_runtime.smoke import SmokeShape, run_smoke
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    d = EdgeConfig()
+    shape = SmokeShape(n_ctx=d.parallel * d.ctx_size, n_seq=d.parallel, n_batch=d.batch_size, prefill=d.batch_size,
+                       tokens=32, threads=physical_cores())
+    return run_smoke(gguf, shape, timeout=300)
+
+
+def llama_checks(gguf: Path, smoke) -> list[Check]:
+    """llama.cpp's version and system info, the load params decided from them, the decode."""
     from fogline.host import build_has_amx
     from fogline.llama_build import VERSION
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None, [Check("llama.cpp", "fail", "llama-cpp-python is not installed: pip install 'fogline[edge]' "
-                                                 "(or `make setup`)")]
-    d = EdgeConfig()
-    # the daemon's default shape, so the peak RSS is what `fogline edge serve` will hold
-    shape = SmokeShape(n_ctx=d.parallel * d.ctx_size, n_seq=d.parallel, n_batch=d.batch_size, prefill=d.batch_size,
-                       tokens=32, threads=physical_cores())
-    smoke = run_smoke(gguf, shape, timeout=300)
-    out = []
+    if smoke is None:
+        return [Check("llama.cpp", "fail", "llama-cpp-python is not installed: pip install 'fogline[edge]' "
+                                           "(or `make setup`)")]
     if smoke.version is None:
-        out.append(Check("llama.cpp", "fail", smoke.summary))
-        return smoke, out
+        return [Check("llama.cpp", "fail", smoke.summary)]
+    out = []
     pinned = smoke.version == VERSION
     out.append(Check("llama.cpp", "ok" if pinned else "fail",
                      f"llama-cpp-python {smoke.version}{'' if pinned else f' (fogline needs {VERSION})'}; "
@@ -141,13 +149,13 @@ def _llama_checks(gguf: Path):
                      f"use_extra_bufts={smoke.use_extra_bufts}: {smoke.decision}"
                      + ("; this may crash in llama_decode" if risky else "")))
     out.append(Check("decode", "ok" if smoke.ok else "fail", f"{gguf.name}: {smoke.summary}"))
-    return smoke, out
+    return out
 
 
 # --------------------------------------------------------------------------- torch, memory
 
 
-def _torch_check() -> Check:
+def check_torch() -> Check:
     if importlib.util.find_spec("torch") is None:
         return Check("torch", "ok", "not installed (only `fogline cloud serve` and export need it: "
                                     "pip install 'fogline[cloud]')")
@@ -177,8 +185,6 @@ def _estimate(edge_dir: Path | None, manifest) -> tuple[int | None, str]:
     config = edge_dir.parent / "cloud" / "config.json"
     if not config.is_file():
         return None, "no estimate (it needs the export's cloud/config.json next to edge/)"
-    import json
-
     from fogline.arch import ArchSpec
     from quantize.budget import resident_bytes  # plain Python: works without the quantize extra
 
@@ -188,13 +194,19 @@ def _estimate(edge_dir: Path | None, manifest) -> tuple[int | None, str]:
     return est, f"estimate {est / MiB:.0f} MiB"
 
 
-def _memory_check(smoke, edge_dir: Path | None, manifest) -> Check:
-    avail = available_memory()
+def check_memory(smoke, edge_dir: Path | None, manifest, available: int | None = None) -> Check:
+    """What the edge needs (measured by the smoke decode; estimated from the bundle) against
+    `available` (default: this host's MemAvailable)."""
+    from edge_runtime.config import EdgeConfig
+
+    d = EdgeConfig()
+    avail = available_memory() if available is None else available
     est, est_text = _estimate(edge_dir, manifest)
     measured = smoke.peak_rss if smoke is not None and smoke.ok else None
     parts = [f"{avail / MiB:.0f} MiB available" if avail is not None else "available memory unknown"]
     if measured is not None:
-        parts.append(f"the edge measured {measured / MiB:.0f} MiB peak (4 x 2048 KV, 512-token batch)")
+        parts.append(f"the edge measured {measured / MiB:.0f} MiB peak ({d.parallel} x {d.ctx_size} KV cells, "
+                     f"{d.batch_size}-token batch: edge serve's defaults)")
     parts.append(est_text)
     need = max(x for x in (measured, est, 0) if x is not None)
     if manifest is not None and manifest.budget:
@@ -209,7 +221,8 @@ def _memory_check(smoke, edge_dir: Path | None, manifest) -> Check:
 # --------------------------------------------------------------------------- cloud, port
 
 
-def _cloud_check(url: str, token: str, manifest) -> Check:
+def check_cloud(url: str, token: str, manifest) -> Check:
+    """A real handshake with the bundle's fingerprint and K, at the URL the edge would use."""
     from edge_runtime.config import CLOUD_WS_PATH, normalize_cloud_url
 
     if manifest is None:
@@ -274,7 +287,7 @@ def _with_path(url: str, path: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=path))
 
 
-def _port_check(host: str, port: int) -> Check:
+def check_port(host: str, port: int) -> Check:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the edge's server binds
