@@ -16,7 +16,7 @@ Why a script and not a bare `pip install`:
   (`$FOGLINE_CACHE_DIR/llama-cpp-python/<version>-<hash>/`, with a build.json
   saying how), and the installed build is checked against the plan afterwards.
 * **Build time.** fogline never loads libmtmd (multimodal), so `LLAVA_BUILD=OFF`
-  skips it; `CMAKE_BUILD_PARALLEL_LEVEL` = the CPU count.
+  skips it. (The build already runs nproc + 2 jobs: scikit-build-core uses Ninja.)
 
 A CMAKE_ARGS in the environment (BLAS, CUDA, a cross build: docs/boards.md) is
 used as given, plus LLAVA_BUILD=OFF; the load-time guard still covers AMX then.
@@ -132,8 +132,7 @@ def build_wheel(plan: BuildPlan, python: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{plan.key}.", dir=target.parent))
     try:
-        env = {**os.environ, "CMAKE_ARGS": plan.cmake_args_env,
-               "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+        env = {**os.environ, "CMAKE_ARGS": plan.cmake_args_env}
         start = time.monotonic()
         print(f"llama_build: building {PACKAGE}=={VERSION} (a few minutes) ...", flush=True)
         subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE,
