@@ -230,12 +230,12 @@ def check_cloud(url: str, token: str, manifest) -> Check:
     if not url.startswith(("ws://", "wss://")):
         return Check("cloud", "fail", f"{url}: must be a ws:// or wss:// URL")
     used = normalize_cloud_url(url)
-    note = f" (no path: {used}, as the edge uses it)" if used != url else ""
+    where = f"{url} -> {used} (no path means {CLOUD_WS_PATH}, as for the edge)" if used != url else used
     try:
         detail = asyncio.run(_handshake(used, token, manifest))
     except FoglineError as e:
-        return Check("cloud", "fail", f"{used}{note}: {_explain(e, used, CLOUD_WS_PATH)}")
-    return Check("cloud", "ok", f"{used}{note}: {detail}")
+        return Check("cloud", "fail", f"{where}: {_explain(e, used, CLOUD_WS_PATH)}")
+    return Check("cloud", "ok", f"{where}: {detail}")
 
 
 async def _handshake(url: str, token: str, manifest) -> str:

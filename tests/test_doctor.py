@@ -39,7 +39,7 @@ async def test_cloud_verdicts(aiohttp_server, demo_bundle, manifest):
     ok = await check(f"{base}/ws")
     assert ok.verdict == "ok" and f"fingerprint {manifest.fingerprint[:12]}, K={manifest.split}" in ok.detail
     bare = await check(base)  # what the old example config showed: the edge uses /ws, so does the doctor
-    assert bare.verdict == "ok" and f"no path: {base}/ws, as the edge uses it" in bare.detail
+    assert bare.verdict == "ok" and f"{base} -> {base}/ws (no path means /ws, as for the edge)" in bare.detail
     lost = await check(f"{base}/websocket")
     assert lost.verdict == "fail" and "HTTP 404" in lost.detail and "the cloud's websocket is at /ws" in lost.detail
     other = await check(f"{base}/ws", dataclasses.replace(manifest, fingerprint="0" * 64))
