@@ -124,7 +124,7 @@ def _smoke(gguf: Path):
         return None
     d = EdgeConfig()
     shape = SmokeShape(n_ctx=d.parallel * d.ctx_size, n_seq=d.parallel, n_batch=d.batch_size, prefill=d.batch_size,
-                       tokens=32, threads=physical_cores())
+                       tokens=16, threads=physical_cores())
     return run_smoke(gguf, shape, timeout=300)
 
 

@@ -87,7 +87,8 @@ def plan_build(cpuinfo: str, machine: str, user_cmake_args: str | None) -> Build
     if user_cmake_args and user_cmake_args.strip():
         args = tuple(shlex.split(user_cmake_args))
         extra = () if any(a.startswith("-DLLAVA_BUILD") for a in args) else (NO_MTMD,)
-        return BuildPlan(args + extra, "CMAKE_ARGS from the environment, used as given", None)
+        return BuildPlan(args + extra, "CMAKE_ARGS from the environment" + (f", plus {NO_MTMD}" if extra else ""),
+                         None)
     amx = sorted(f for f in cpu_flags(cpuinfo) if f.startswith("amx"))
     if machine.lower() in _X86 and amx:
         return BuildPlan((NO_MTMD, "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={_NO_AMX_FLAGS}",
