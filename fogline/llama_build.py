@@ -6,8 +6,8 @@ Why a script and not a bare `pip install`:
   AMX extra buffer type, which crashes on the first decode on virtualised
   Sapphire/Granite Rapids (see fogline/host.py). On such hosts the build stays
   native (`-march=native`: every other extension and the tuning of the CPU)
-  with AMX removed (`-mno-amx-*`; GCC and Clang let an explicit -mno-X win
-  over -march whatever the order). ggml only compiles its AMX code under
+  with AMX removed (`-mno-amx-*`; GCC lets an explicit -mno-X win over -march
+  whatever the order: tests/test_host.py checks). ggml only compiles its AMX code under
   `__AMX_INT8__`, so the build then reports no AMX_INT8 and CPU_REPACK stays
   on. Every other host (ARM included, where repacking matters) builds natively.
 * **pip's wheel cache** keys a built wheel by the sdist, not by CMAKE_ARGS: a
