@@ -145,7 +145,7 @@ def llama_checks(gguf: Path, smoke) -> list[Check]:
                      f"{smoke.system_info}"))
     amx = build_has_amx(smoke.system_info or "")
     risky = amx and smoke.use_extra_bufts
-    out.append(Check("params", "warn" if amx else "ok",
+    out.append(Check("params", "warn" if amx or not smoke.use_extra_bufts else "ok",
                      f"use_extra_bufts={smoke.use_extra_bufts}: {smoke.decision}"
                      + ("; this may crash in llama_decode" if risky else "")))
     out.append(Check("decode", "ok" if smoke.ok else "fail", f"{gguf.name}: {smoke.summary}"))
