@@ -115,8 +115,8 @@ def _gguf(edge_dir: Path | None, manifest, add) -> Path | None:
 
 
 def _smoke(gguf: Path):
-    """Decode the GGUF in a child with the daemon's default shape (its peak RSS is what
-    `fogline edge serve` will hold); None when llama-cpp-python is not installed."""
+    """Decode the GGUF in a child in the daemon's default context (its peak RSS: what a
+    fresh `fogline edge serve` holds); None when llama-cpp-python is not installed."""
     from edge_runtime.config import EdgeConfig, physical_cores
     from edge_runtime.smoke import SmokeShape, run_smoke
 
@@ -205,8 +205,8 @@ def check_memory(smoke, edge_dir: Path | None, manifest, available: int | None =
     measured = smoke.peak_rss if smoke is not None and smoke.ok else None
     parts = [f"{avail / MiB:.0f} MiB available" if avail is not None else "available memory unknown"]
     if measured is not None:
-        parts.append(f"the edge measured {measured / MiB:.0f} MiB peak ({d.parallel} x {d.ctx_size} KV cells, "
-                     f"{d.batch_size}-token batch: edge serve's defaults)")
+        parts.append(f"the edge measured {measured / MiB:.0f} MiB after a {d.batch_size}-token prefill in edge "
+                     f"serve's default context ({d.parallel} x {d.ctx_size}; its KV cache grows as it fills)")
     parts.append(est_text)
     need = max(x for x in (measured, est, 0) if x is not None)
     if manifest is not None and manifest.budget:
