@@ -40,7 +40,9 @@ class SmokeShape:
     n_batch: int = 64
     prefill: int = 0  # prompt tokens to prefill (the prompt repeated); 0: the prompt once
     tokens: int = 8  # greedy tokens to decode after the prompt
-    threads: int = 0  # 0: the edge's default (physical cores)
+    # 0: the edge's default (physical cores). One thread by default: a smoke test needs no speed,
+    # and OpenMP threads on a busy machine wait on each other for whole scheduler slices.
+    threads: int = 1
 
 
 @dataclass(frozen=True)
