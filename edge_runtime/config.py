@@ -10,16 +10,21 @@ that started is a daemon whose configuration made sense.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fogline.errors import ConfigError
 
+log = logging.getLogger("fogline.edge.config")
 ENV_PREFIX = "FOGLINE_EDGE_"
+# Where `fogline cloud serve` accepts edges; a cloud_url with no path means this.
+CLOUD_WS_PATH = "/ws"
 MODES = ("edge", "collab", "spec", "cloud", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -75,7 +80,8 @@ class EdgeConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     # --- the cloud half (collab / spec / cloud modes); empty cloud_url: edge only.
-    # Websocket URL of `fogline cloud serve`, e.g. ws://cloud:8700/ws. Setting it turns capture_hidden on.
+    # Websocket URL of `fogline cloud serve`, e.g. ws://cloud:8700/ws (no path: /ws). Setting it
+    # turns capture_hidden on.
     cloud_url: str = ""
     # Bearer token the cloud expects in the handshake.
     cloud_token: str = ""
@@ -189,6 +195,14 @@ def _validate(cfg: EdgeConfig) -> None:
     need(1024 <= cfg.max_body_bytes <= 1 << 30, "max_body_bytes", "must be in 1024..1073741824")
 
 
+def normalize_cloud_url(url: str) -> str:
+    """A ws(s):// URL with no path (or just "/") means the cloud's websocket path, /ws."""
+    parts = urlsplit(url)
+    if parts.scheme in ("ws", "wss") and parts.netloc and parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path=CLOUD_WS_PATH))
+    return url
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
@@ -232,6 +246,10 @@ def load_config(toml_path: str | os.PathLike[str] | None = None,
         if k not in _FIELDS:
             raise ConfigError(f"{k}: unknown setting")
         values[k] = _coerce(k, v, from_text=isinstance(v, str))
+    url = values.get("cloud_url", "")
+    if normalize_cloud_url(url) != url:
+        values["cloud_url"] = normalize_cloud_url(url)
+        log.info("cloud_url %s has no path: using %s (the cloud's websocket)", url, values["cloud_url"])
     cfg = EdgeConfig(**values)
     _validate(cfg)
     return cfg

@@ -3,36 +3,102 @@
 The high-level `llama_cpp.Llama` class cannot install an eval callback nor run
 several sequences in one batch, so the edge talks to the C API directly. This
 module owns every ctypes detail; the engine above it sees numpy arrays.
+
+Every llama.cpp model fogline loads (edge daemon, export, benchmarks, tests)
+gets its params from `model_params()`, which applies the host decision of
+`fogline.host` (the AMX guard) once per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_runtime.hidden_tap import HiddenStateTap, LayerInputTap, layer_input_supported
 from fogline.errors import BundleError, FoglineError, HiddenStateContractError
+from fogline.host import LoadDecision, decide_load
 
+log = logging.getLogger("fogline.edge.llama")
 _backend_lock = threading.Lock()
-_backend_ready = False
+_decision: LoadDecision | None = None  # set once, by the first _init_backend()
 
 
-def _init_backend() -> None:
-    global _backend_ready
+def _init_backend() -> LoadDecision:
+    """Initialise llama.cpp once per process and decide its model params for this host."""
+    global _decision
     with _backend_lock:
-        if _backend_ready:
-            return
+        if _decision is not None:
+            return _decision
         import llama_cpp
         import llama_cpp._logger as llama_logger
 
         llama_logger.set_verbose(os.environ.get("FOGLINE_LLAMA_VERBOSE") == "1")
         llama_cpp.llama_backend_init()
-        _backend_ready = True
+        decision = decide_load(system_info(), os.environ)
+        if decision.guarded:
+            log.warning("llama.cpp: %s", decision.reason)
+        elif decision.overridden:
+            log.info("llama.cpp: %s", decision.reason)
+        _decision = decision
+        return decision
+
+
+def system_info() -> str:
+    """llama.cpp's compile-time feature list ("CPU : SSE3 = 1 | ... | REPACK = 1 |")."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def load_decision() -> LoadDecision:
+    """The host decision every load in this process uses (initialises llama.cpp)."""
+    return _init_backend()
+
+
+def model_params(n_gpu_layers: int = 0) -> Any:
+    """llama_model_params for one load: llama.cpp's defaults plus the host decision."""
+    decision = _init_backend()
+    import llama_cpp
+
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.use_extra_bufts = decision.use_extra_bufts
+    return params
+
+
+@contextlib.contextmanager
+def host_params_for_llama_class() -> Iterator[LoadDecision]:
+    """Give `llama_cpp.Llama(...)` (the benchmark baseline) the same host decision.
+
+    Llama.__init__ of 0.3.36 takes no use_extra_bufts (unknown keywords are
+    dropped) and fills its params from `llama_model_default_params()`; inside
+    this block that function returns params with the decision applied.
+    Construct the Llama inside the block; it keeps the params it loaded with.
+    """
+    decision = _init_backend()
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def with_decision() -> Any:
+        params = original()
+        params.use_extra_bufts = decision.use_extra_bufts
+        return params
+
+    lib.llama_model_default_params = with_decision
+    try:
+        yield decision
+    finally:
+        lib.llama_model_default_params = original
 
 
 class DecodeError(FoglineError):
@@ -46,15 +112,14 @@ class LlamaModel:
     """One GGUF file loaded once; contexts are created from it."""
 
     def __init__(self, path: str | os.PathLike[str], n_gpu_layers: int = 0) -> None:
-        _init_backend()
+        params = model_params(n_gpu_layers)
         import llama_cpp
 
         self._llama = llama_cpp
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleError(f"GGUF file {self.path} does not exist")
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        self.use_extra_bufts: bool = params.use_extra_bufts
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not model:
             raise BundleError(f"llama.cpp could not load {self.path} (corrupt or unsupported GGUF)")

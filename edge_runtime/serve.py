@@ -66,9 +66,11 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+    # INFO until the config says otherwise: what loading the config itself reports is kept
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    logging.getLogger().setLevel(cfg.log_level.upper())
     log.info("effective config: %s", json.dumps(cfg.redacted(), sort_keys=True))
     from edge_runtime.loader import open_bundle
 

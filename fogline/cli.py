@@ -34,6 +34,12 @@ def _install_service(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from fogline.doctor import main
+
+    return main(args)
+
+
 def _edge_serve(args: argparse.Namespace) -> int:
     from edge_runtime.serve import main
 
@@ -56,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="an export directory (with edge/ and cloud/) or one half of it")
     p.add_argument("--plot", metavar="PNG", help="also draw the edge half's exit calibration curve to this file")
     p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("doctor", help="check this host: llama.cpp build and decode, torch, memory, cloud, port")
+    from fogline.doctor import add_arguments as add_doctor_arguments  # light: argparse only
+
+    add_doctor_arguments(p)
+    p.set_defaults(handler=_doctor)
 
     p = sub.add_parser("cloud", help="the cloud half: serve the deep layers to edges")
     cloud_sub = p.add_subparsers(dest="cloud_command", metavar="COMMAND")

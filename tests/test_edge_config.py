@@ -135,3 +135,25 @@ def test_cli_refuses_a_tampered_bundle(demo_bundle, subprocess_env, tmp_path):
     assert r.returncode == 2 and "does not match its manifest" in r.stderr and "listening" not in r.stderr
     r = _serve(["--bundle", str(demo_bundle / "cloud")], subprocess_env)
     assert r.returncode == 2 and "is a cloud bundle" in r.stderr
+
+
+@pytest.mark.parametrize("given,used", [
+    ("ws://cloud:8700", "ws://cloud:8700/ws"),  # what the example config used to show
+    ("ws://cloud:8700/", "ws://cloud:8700/ws"),
+    ("wss://cloud.example?region=eu", "wss://cloud.example/ws?region=eu"),
+    ("ws://cloud:8700/ws", "ws://cloud:8700/ws"),
+    ("ws://proxy.example/fogline/ws", "ws://proxy.example/fogline/ws"),  # a path is the user's
+    ("", ""),
+])
+def test_a_cloud_url_without_a_path_means_ws(bundle_dir, given, used, caplog):
+    with caplog.at_level("INFO", logger="fogline.edge.config"):
+        cfg = load_config(env={}, overrides={"bundle": str(bundle_dir), "cloud_url": given})
+    assert cfg.cloud_url == used
+    assert (f"cloud_url {given} has no path: using {used}" in caplog.text) is (given != used)
+
+
+def test_the_daemon_logs_the_path_it_adds(bundle_dir, subprocess_env):
+    """The INFO line reaches the daemon's log (the config is read before the log level is known)."""
+    r = _serve(["--bundle", str(bundle_dir), "--cloud-url", "ws://127.0.0.1:9"], subprocess_env)
+    assert r.returncode == 2 and "manifest" in r.stderr  # an empty bundle dir: stops before loading
+    assert "INFO fogline.edge.config: cloud_url ws://127.0.0.1:9 has no path: using ws://127.0.0.1:9/ws" in r.stderr

@@ -11,7 +11,8 @@ EDGE_MODULES = ["edge_runtime.config", "edge_runtime.errors", "edge_runtime.samp
                 "edge_runtime.engine", "edge_runtime.loader", "edge_runtime.metrics", "edge_runtime.openai_api",
                 "edge_runtime.server", "edge_runtime.serve", "edge_runtime.llama_backend", "edge_runtime.hidden_tap",
                 "edge_runtime.cloud_client", "edge_runtime.cloud_generation", "edge_runtime.cloud_modes",
-                "tools.wanem", "fogline.cli", "fogline.manifest", "fogline.errors"]
+                "tools.wanem", "fogline.cli", "fogline.manifest", "fogline.errors", "fogline.host",
+                "fogline.llama_build", "fogline.doctor", "fogline.demo_model", "edge_runtime.smoke"]
 
 PROBE = """
 import contextlib, importlib, io, sys

