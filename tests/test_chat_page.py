@@ -103,8 +103,13 @@ def test_page_streams_tokens_coloured_by_origin(browser, edge, tmp_path):
 
     spans, meta = _ask(browser, "edge", "And of Italy?")
     assert spans and {o for _, o, _ in spans} == {"edge"} and meta.startswith("mode edge")
-    wait.until(lambda d: d.find_element(By.ID, "p-tokens").text != "–")
-    edge_n, draft_n, cloud_n = (int(x) for x in browser.find_element(By.ID, "p-tokens").text.split(" / "))
+    def counts(d) -> tuple[int, ...] | None:
+        text = d.find_element(By.ID, "p-tokens").text
+        return None if text == "–" else tuple(int(x) for x in text.split(" / "))
+
+    # the panel polls /metrics every 2 s: wait for a poll that saw the edge-mode answer
+    wait.until(lambda d: (c := counts(d)) is not None and c[0] > 0)
+    edge_n, draft_n, cloud_n = counts(browser)
     assert edge_n > 0 and draft_n > 0 and cloud_n > 0
     assert browser.find_element(By.ID, "p-fallbacks").text == "0"
     assert browser.find_element(By.ID, "p-share").text.endswith("%")
