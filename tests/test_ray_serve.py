@@ -20,9 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cloud_runtime.replica_stats import REPORT_INTERVAL_S
 from tests.edge_server_util import REPO, edge_env, free_port, start_edge_server, wait_cloud_connected
 
-N = 32  # tokens per request
+N = 96  # tokens per request: long enough that the kill lands while both sessions are held
 KILL_AFTER = 6  # streamed chunks of each request before the replica dies
 
 
@@ -167,9 +168,15 @@ def test_replica_killed_mid_stream_edge_replays_on_the_other_replica(edge, ray_c
     killed: list[str] = []
 
     def kill_the_edges_replica() -> None:
-        h = _health(port)
-        held = [rid for rid, r in h["per_replica"].items() if r["connections"] > 0]
-        assert len(held) == 1, h  # the edge's one websocket is pinned to one replica
+        # replicas report every REPORT_INTERVAL_S: wait for a report that saw both sessions
+        deadline = time.monotonic() + 4 * REPORT_INTERVAL_S
+        while True:
+            h = _health(port)
+            held = [rid for rid, r in h["per_replica"].items() if r["connections"] > 0]
+            assert len(held) == 1, h  # the edge's one websocket is pinned to one replica
+            if h["per_replica"][held[0]]["sessions"] >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert h["per_replica"][held[0]]["sessions"] >= 2 and h["kv_bytes"] > 0, h
         ray.kill(ray.get_actor(held[0], namespace="serve"), no_restart=True)
         killed.append(held[0])
