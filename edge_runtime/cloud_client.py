@@ -16,6 +16,11 @@ of that session. A dropped socket fails pending requests with `LinkDown`; the
 next request reconnects. Replay (after `UnknownSession`) is the caller's job,
 since only the caller keeps the h_K history — see edge_runtime/cloud_generation.py.
 
+Bytes are measured, not estimated: every websocket frame sent or received is
+counted with its framing (header + client mask; no extensions: compress=0) in the
+link's `total` Meter and, when it belongs to a session, in that session's Meter
+(`attach`). Those are the bytes a proxy on the path sees, minus the HTTP upgrade.
+
 Imports neither torch nor llama.cpp (a test checks this in a fresh interpreter).
 """
 
@@ -32,11 +37,40 @@ import numpy as np
 
 from fogline.wire.codecs import INT8_BLOCK_DEFAULT, Codec, encode_hidden
 from fogline.wire.errors import BadFrame, LinkDown, MismatchError, ProtocolError, ShuttingDown, error_from_code
+from edge_runtime.ratelog import RateLimitedLog
 from fogline.wire.protocol import (GREEDY, Ack, Append, Bye, Close, Error, Hello, HelloOk, Infer, Message, Ping,
                                    Pong, Sampling, TokenReply, Truncate, Verdict, Verify, decode_frame,
                                    encode_frame)
 
 log = logging.getLogger("fogline.edge.cloud")
+ratelog = RateLimitedLog(log)
+
+
+@dataclass
+class Meter:
+    """Websocket traffic of one session (or of the whole link): bytes on the wire per direction,
+    frames, and replies received (round trips). Mutated on the event loop only."""
+
+    up: int = 0
+    down: int = 0
+    frames_up: int = 0
+    frames_down: int = 0
+    round_trips: int = 0
+
+    def sent(self, n: int) -> None:
+        self.up += ws_frame_bytes(n, masked=True)
+        self.frames_up += 1
+
+    def received(self, n: int) -> None:
+        self.down += ws_frame_bytes(n, masked=False)
+        self.frames_down += 1
+
+
+def ws_frame_bytes(payload: int, *, masked: bool) -> int:
+    """Bytes of one unfragmented websocket frame on the wire (RFC 6455 §5.2): 2-byte header,
+    extended length for payloads >= 126 / >= 65536, a 4-byte mask key on client frames."""
+    ext = 0 if payload < 126 else 2 if payload < 65536 else 8
+    return payload + 2 + ext + (4 if masked else 0)
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,9 @@ class CloudLink:
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._deferred: dict[str, ProtocolError] = {}  # errors of ack-less appends, by session
+        self.total = Meter()  # every frame of every connection (hello, pings and closes included)
+        self._meters: dict[str, Meter] = {}  # by session
+        self._reply_meters: dict[int, Meter] = {}  # by request id, until its reply arrives
         self._ids = itertools.count(1)
         self._connect_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
@@ -104,9 +141,13 @@ class CloudLink:
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 raise LinkDown(f"cannot reach the cloud at {self.url}: {type(e).__name__}: {e}") from None
             try:
-                await ws.send_bytes(encode_frame(Hello(fingerprint=self.fingerprint, split=self.split,
-                                                       token=self.token, client=self.client_name)))
+                hello = encode_frame(Hello(fingerprint=self.fingerprint, split=self.split, token=self.token,
+                                           client=self.client_name))
+                await ws.send_bytes(hello)
+                self.total.sent(len(hello))
                 m = await ws.receive(timeout=self.connect_timeout)
+                if m.type == aiohttp.WSMsgType.BINARY:
+                    self.total.received(len(m.data))
             except (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError) as e:
                 await ws.close()
                 raise LinkDown(f"no handshake answer from {self.url}: {type(e).__name__}") from None
@@ -158,7 +199,16 @@ class CloudLink:
                 pass
         self._fail_all(LinkDown("connection to the cloud closed"))
 
+    def attach(self, session: str, meter: Meter) -> None:
+        """Count this session's frames (both directions) into `meter` from now on."""
+        self._meters[session] = meter
+
+    def take_deferred(self, session: str) -> ProtocolError | None:
+        """The error an ack-less append of `session` got and no later request has raised yet."""
+        return self._deferred.pop(session, None)
+
     def _fail_all(self, e: ProtocolError) -> None:
+        self._reply_meters.clear()
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -170,11 +220,13 @@ class CloudLink:
             async for m in ws:
                 if m.type != aiohttp.WSMsgType.BINARY:
                     break
+                self.total.received(len(m.data))
                 try:
                     msg = decode_frame(m.data, 64 << 20)
                 except ProtocolError as e:
                     log.warning("undecodable frame from the cloud: %s", e)
                     continue
+                self._meter_reply(msg, len(m.data))
                 if isinstance(msg, Bye):
                     self.bye = msg
                     reason = ShuttingDown(f"cloud is shutting down: {msg.reason}", retry_after=msg.retry_after)
@@ -187,7 +239,18 @@ class CloudLink:
         finally:
             if self._ws is ws:
                 self._ws, self.info = None, None
+                if not self._closed:
+                    ratelog.log("link-lost", logging.WARNING, "lost the cloud link to %s: %s", self.url, reason)
             self._fail_all(reason)
+
+    def _meter_reply(self, msg: Message, size: int) -> None:
+        req_id = getattr(msg, "id", None)
+        meter = self._reply_meters.pop(req_id, None) if req_id is not None else None
+        if meter is None and (s := getattr(msg, "session", None)) is not None:
+            meter = self._meters.get(s)
+        if meter is not None:
+            meter.received(size)
+            meter.round_trips += 1
 
     def _route(self, msg: Message) -> None:
         req_id = getattr(msg, "id", None)
@@ -229,19 +292,31 @@ class CloudLink:
         if want_reply:
             fut = asyncio.get_running_loop().create_future()
             self._pending[req_id] = fut
+        data = encode_frame(msg)
+        meter = self._meters.get(s) if s is not None else None
         try:
             async with self._send_lock:
-                await ws.send_bytes(encode_frame(msg))
+                await ws.send_bytes(data)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as e:
             self._pending.pop(req_id, None)
             raise LinkDown(f"sending to the cloud failed: {type(e).__name__}") from None
+        self.total.sent(len(data))
+        if meter is not None:
+            meter.sent(len(data))
+            if fut is not None:
+                self._reply_meters[req_id] = meter
         if fut is None:
             return None
         try:
             return await asyncio.wait_for(fut, self.request_timeout)
         except asyncio.TimeoutError:
             self._pending.pop(req_id, None)
+            self._reply_meters.pop(req_id, None)
             raise LinkDown(f"no answer from the cloud in {self.request_timeout:g} s") from None
+        except asyncio.CancelledError:
+            self._pending.pop(req_id, None)
+            self._reply_meters.pop(req_id, None)
+            raise
 
     def _encode(self, hidden: np.ndarray) -> Any:
         return encode_hidden(hidden, self.codec, self.int8_block)
@@ -305,7 +380,10 @@ class CloudLink:
 
     async def close_session(self, session: str) -> None:
         self._deferred.pop(session, None)
-        await self._request(lambda i: Close(id=i, session=session))
+        try:
+            await self._request(lambda i: Close(id=i, session=session))
+        finally:
+            self._meters.pop(session, None)
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""

@@ -20,6 +20,7 @@ Torch-free: llama.cpp on one side, the websocket client on the other.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,12 +28,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from edge_runtime.cloud_client import CloudLink, InferResult, VerifyResult
+from edge_runtime.cloud_client import CloudLink, InferResult, Meter, VerifyResult
+from edge_runtime.ratelog import RateLimitedLog
 from fogline.wire.codecs import FP16_MAX
 from fogline.wire.errors import LinkDown, Overloaded, PositionGap, ShuttingDown, UnknownSession
 from fogline.wire.protocol import GREEDY, Sampling
 
 T = TypeVar("T")
+ratelog = RateLimitedLog(logging.getLogger("fogline.edge.cloud"))
 # (tokens, position of tokens[0]) -> h_K rows [len(tokens), D] float32
 EdgeStep = Callable[[Sequence[int], int], Awaitable[np.ndarray]]
 
@@ -60,9 +63,12 @@ class CloudSession:
     """
 
     def __init__(self, link: CloudLink, sid: str | None = None, *, max_retries: int = 6,
-                 backoff_s: float = 0.25, history_tokens: int | None = None) -> None:
+                 backoff_s: float = 0.25, history_tokens: int | None = None, meter: Meter | None = None) -> None:
         self.link = link
         self.sid = sid or f"edge-{uuid.uuid4().hex}"
+        # this session's frames, as sent and received (a caller may share one Meter across sessions)
+        self.meter = meter if meter is not None else Meter()
+        link.attach(self.sid, self.meter)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.history_tokens = history_tokens
@@ -128,6 +134,8 @@ class CloudSession:
             except UnknownSession:
                 self.cloud_len = 0  # evicted / expired / server restarted: replay from scratch
                 self.replays += 1
+                ratelog.log("replay", logging.INFO, "cloud lost session %s: replaying its %d h_K rows",
+                            self.sid, self.n)
                 err: Exception = UnknownSession(f"session {self.sid} keeps disappearing")
             except PositionGap as e:
                 await self._resync(e.expected if e.expected is not None else 0)
@@ -172,6 +180,11 @@ class CloudSession:
                                                     self.rows(self.cloud_len, self.n, rows), ack=False)
         except (LinkDown, ShuttingDown):
             pass  # the next infer/verify replays what is missing
+        except UnknownSession:  # an earlier append's deferred answer: the cloud lost the session
+            self.cloud_len = 0
+            self.replays += 1
+        except PositionGap as e:  # an earlier append's deferred answer: resync; the next call resends
+            await self._resync(e.expected if e.expected is not None else 0)
 
     async def verify(self, rows: np.ndarray, draft: Sequence[int], sampling: Sampling = GREEDY,
                      draft_probs: Any = None) -> VerifyResult:

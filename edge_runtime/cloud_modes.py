@@ -58,11 +58,31 @@ the engine produced them.
   on a slow link a longer block keeps the edge busy for one round trip, on a fast link or a
   poor exit head short blocks waste less. The pipelined next block is capped at γ too.
 
-Failover: any cloud error that survives CloudSession's repair (replay on `unknown_session`,
-resync on `position_gap`, retries on a dropped link), a call slower than `cloud_deadline_ms`,
-or a replay that is needed but impossible ends the request's cloud use: the engine emits its
-held drafts and continues in edge mode with `fallback` set. The HTTP request never fails
-because of the cloud.
+Supervision: every coroutine a source puts on the loop (infer, verify, lazy append, close)
+runs inside `_CloudSource._guarded`, and each whole exchange — waiting for the request's lock
+included — runs under `cloud_deadline_ms`. So none can vanish or park its request:
+  * a cloud failure (`CLOUD_FAILURES`: link errors, a typed ProtocolError the session could
+    not repair, the deadline, ReplayImpossible) ends the request's cloud use: the engine emits
+    its held drafts and continues in edge mode with `fallback` set (the HTTP request never
+    fails because of the cloud);
+  * anything else is a bug on the edge's cloud path: it is logged with its traceback and the
+    request ends with finish_reason "error" (HTTP 500 / an SSE error event), never a quiet
+    "cloud unavailable".
+An error the cloud sent back for an ack-less append is raised by the session's next request
+(CloudLink defers it per session); one still pending when the request finishes is recorded in
+that request's `fallbacks` and logged.
+
+Rejoin: a fallback is not forever. The request's source stays in charge (answering from the
+exit head) and takes the cloud back once the link is up and a ping has come back since the
+failure, at least `REJOIN_BACKOFF_S` (doubling per fallback, at most `MAX_REJOINS` times)
+after it. Rejoining opens a fresh cloud session and sends it the request's whole h_K history
+from the engine's HiddenBuffer (a replay: the edge-made tokens' rows included), so the cloud
+continues exactly where the edge is. `fogline.fallbacks` lists each departure with its token
+index, reason and `rejoined_at_token`; `fallback` keeps the first reason.
+
+Bytes: `bytes_up`/`bytes_down`/`cloud_round_trips` are read from the request's Meter, which
+CloudLink fills with the websocket frames it really sent and received for the request's
+session(s) — replays, retries, resyncs and rejoins included (see cloud_client.py).
 
 Replay history: each request's CloudSession keeps its h_K rows as float16, bounded by config
 `replay_history_tokens` (the newest rows; rows the cloud has not received yet are never
@@ -83,24 +103,39 @@ import math
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import numpy as np
 
-from edge_runtime.cloud_client import CloudLink
+from edge_runtime.cloud_client import CloudLink, Meter
 from edge_runtime.cloud_generation import CloudSession, ReplayImpossible
-from edge_runtime.engine import Draft, Engine, ExitStep, GenerationRequest
+from edge_runtime.engine import Draft, Engine, ExitStep, FoglineStats, GenerationRequest
+from edge_runtime.ratelog import RateLimitedLog
 from edge_runtime.sampling import SamplingParams, TokenChoice
-from fogline.wire.errors import FoglineError
+from fogline.wire.errors import FoglineError, ProtocolError
 from fogline.wire.protocol import Sampling
 
 log = logging.getLogger("fogline.edge.modes")
+ratelog = RateLimitedLog(log)
 
 LAZY_BATCH = 8  # collab: pending edge rows that trigger a background append
 DRAFT_TOP = 32  # spec sampling: entries of q sent with each draft
 CLOUD_MODES = ("collab", "spec", "cloud")
+REJOIN_BACKOFF_S = 0.5  # a request takes the cloud back no sooner than this after leaving it (doubles)
+MAX_REJOINS = 8  # then it stays on the edge
+
+
+class DeadlineExceeded(Exception):
+    """A cloud exchange (lock wait included) took longer than cloud_deadline_ms."""
+
+
+# What counts as the cloud failing (-> edge fallback). Anything else raised on the cloud path is a bug.
+CLOUD_FAILURES: tuple[type[BaseException], ...] = (ProtocolError, DeadlineExceeded, ReplayImpossible, OSError,
+                                                   asyncio.TimeoutError, aiohttp.ClientError)
 
 
 def wire_sampling(p: SamplingParams) -> Sampling:
@@ -124,6 +159,8 @@ class CloudBridge:
         self._accepted = self._rejected = 0.0
         self.last_error: str | None = None
         self.reconnects = 0
+        self.last_ok = 0.0  # monotonic time of the last ping answered
+        self._wanted_until = 0.0  # want_link(): reconnect eagerly until then
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -159,28 +196,61 @@ class CloudBridge:
         await self.link.close()
 
     async def _upkeep(self) -> None:
-        """Keep the link up: reconnect with exponential backoff and full jitter; ping for RTT."""
+        """Keep the link up: reconnect with exponential backoff and full jitter; ping for RTT.
+        `last_ok` (monotonic) is when a ping last came back: proof that the link carries traffic."""
         backoff = 0.2
         was_up = False
+        down_since: float | None = None
         while True:
             try:
                 if not self.link.connected:
+                    if down_since is None:
+                        down_since = time.monotonic()
                     await self.link.connect()
                     if was_up:
                         self.reconnects += 1
-                    was_up, backoff, self.last_error = True, 0.2, None
+                        ratelog.log("reconnect", logging.INFO, "cloud link back after %.1f s (reconnect #%d)",
+                                    time.monotonic() - down_since, self.reconnects)
+                    was_up, backoff, self.last_error, down_since = True, 0.2, None, None
                 rtt = await asyncio.wait_for(self.link.ping(), max(self.ping_s, 5.0))
                 self.rtt_s = rtt if self.rtt_s is None else 0.8 * self.rtt_s + 0.2 * rtt
-                await asyncio.sleep(self.ping_s)
+                self.last_ok = time.monotonic()
+                await self._nap(self.ping_s)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # unreachable, refused, handshake refused, timeout
+                if self.last_error is None:
+                    ratelog.log("link-down", logging.WARNING, "cloud link down: %s: %s", type(e).__name__, e)
                 self.last_error = f"{type(e).__name__}: {e}"
-                await asyncio.sleep(random.uniform(0, backoff))
+                await self._nap(random.uniform(0, backoff))
                 backoff = min(backoff * 2, 10.0)
 
-    def schedule(self, coro: Awaitable[Any]) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, but no longer than ~1 s while the link is down and a request waits to rejoin."""
+        start = time.monotonic()
+        while (now := time.monotonic()) < start + seconds:
+            if now - start >= 1.0 and not self.link.connected and now < self._wanted_until:
+                return
+            await asyncio.sleep(min(0.25, start + seconds - now))
+
+    def schedule(self, coro: Coroutine[Any, Any, Any], what: str = "cloud call") -> bool:
+        """Run `coro` on the loop (from the engine thread). False if the loop is gone (shutdown).
+        Sources pass only `_guarded` coroutines; the callback is the net under that net."""
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # loop closed
+            coro.close()
+            return False
+
+        def done(f: concurrent.futures.Future[Any]) -> None:
+            if not f.cancelled() and (e := f.exception()) is not None:
+                log.error("%s escaped its supervisor", what, exc_info=e)
+        fut.add_done_callback(done)
+        return True
+
+    def want_link(self) -> None:
+        """A request waits to rejoin: keep reconnect attempts at most ~1 s apart for a while."""
+        self._wanted_until = time.monotonic() + 5.0
 
     async def call(self, aw: Awaitable[Any]) -> Any:
         """One cloud exchange under the deadline."""
@@ -192,28 +262,22 @@ class CloudBridge:
             raise DeadlineExceeded(f"cloud slower than cloud_deadline_ms ({self.deadline_s * 1000:.0f} ms)") from None
 
 
-class DeadlineExceeded(Exception):
-    pass
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, DeadlineExceeded):
-        return str(e)
-    if isinstance(e, ReplayImpossible):
-        return f"cloud lost the session and replay is impossible: {e}"
-    if isinstance(e, FoglineError):
-        return f"cloud error: {e}"
-    return f"cloud unavailable: {type(e).__name__}: {e}"
-
-
 @dataclass
 class _Req:
-    """One request's cloud state (engine thread fields + loop thread fields, see each)."""
+    """One request's cloud state (engine thread fields + loop thread fields, see each). A rejoin
+    replaces it with a fresh one (new session, new lock): coroutines of the old one see
+    `failed` and do nothing."""
 
     cs: CloudSession
+    stats: FoglineStats  # the request's response stats (bytes and round trips synced from `cs.meter`)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     recorded: int = 0  # engine thread: h_K rows handed to the cloud session so far (positions [0, recorded))
     failed: bool = False
+    # rejoin bookkeeping (engine thread, except failed_at/rejoinable set with `failed`)
+    failed_at: float = 0.0  # monotonic time of the failure
+    rejoinable: bool = True  # False: the request cannot use the cloud again (no h_K, a bug)
+    left: bool = False  # the engine applied the fallback (its `fallbacks` entry exists)
+    rejoins: int = 0  # times this request took the cloud back so far
     # spec
     inflight: bool = False
     block_start: int = 0
@@ -226,7 +290,8 @@ class _Req:
 
 
 class _CloudSource:
-    """Shared plumbing of the three cloud-backed sources."""
+    """Shared plumbing of the three cloud-backed sources: per-request state, supervised
+    coroutines, fallback and rejoin."""
 
     mode = "cloud"
 
@@ -236,24 +301,82 @@ class _CloudSource:
         self._reqs: dict[str, _Req] = {}
         self._mu = threading.Lock()
 
+    def _session(self, meter: Meter | None = None) -> CloudSession:
+        return CloudSession(self.bridge.link, max_retries=8, backoff_s=0.2, history_tokens=self.bridge.history_limit,
+                            meter=meter)
+
     def _state(self, step: ExitStep) -> _Req:
         rid = step.request.request_id
         with self._mu:
             st = self._reqs.get(rid)
             if st is None:
-                st = self._reqs[rid] = _Req(CloudSession(self.bridge.link, max_retries=8, backoff_s=0.2,
-                                                         history_tokens=self.bridge.history_limit),
+                st = self._reqs[rid] = _Req(self._session(), step.stats,
                                             gamma=step.request.gamma or self.bridge.spec_gamma)
         return st
 
     def release(self, request: GenerationRequest) -> None:
         with self._mu:
             st = self._reqs.pop(request.request_id, None)
-        if st is not None and st.recorded:
-            async def close() -> None:
-                async with st.lock:
-                    await st.cs.close()
-            self.bridge.schedule(close())
+        if st is None:
+            return
+        self._sync_bytes(st)
+        if (err := self.bridge.link.deferred(st.cs.sid)) is not None:
+            # the cloud refused a background upload and no later call of this request raised it
+            why = _why(err)
+            log.warning("request %s: %s (answer to a background upload)", request.request_id, why)
+            if st.stats.fallback is None:
+                st.stats.fallback = why
+            st.stats.fallbacks.append({"at_token": st.stats.edge_tokens + st.stats.cloud_tokens, "reason": why,
+                                       "rejoined_at_token": None})
+        if st.recorded:
+            self._close_later(request.request_id, st)
+
+    def _close_later(self, rid: str, st: _Req) -> None:
+        async def close() -> None:
+            async with st.lock:
+                await st.cs.close()
+        self.bridge.schedule(self._guarded(rid, st, "session close", close, quiet=True), "session close")
+
+    def _sync_bytes(self, st: _Req) -> None:
+        """The response's figures are the meter's: frames really sent and received."""
+        m = st.cs.meter
+        st.stats.bytes_up, st.stats.bytes_down, st.stats.cloud_round_trips = m.up, m.down, m.round_trips
+
+    async def _guarded(self, rid: str, st: _Req, what: str, body: Callable[[], Awaitable[None]], *,
+                       quiet: bool = False) -> None:
+        """Run one cloud coroutine of request `rid` so that its failure always ends somewhere:
+        a cloud failure -> edge fallback, anything else -> logged traceback + the request ends
+        with an error. quiet: after the request (close): only log."""
+        try:
+            await body()
+        except asyncio.CancelledError:
+            raise
+        except CLOUD_FAILURES as e:
+            if quiet:
+                log.debug("request %s: %s failed: %s", rid, what, e)
+            else:
+                self._fail(rid, st, _why(e))
+        except Exception as e:
+            log.error("request %s: %s raised a bug on the edge's cloud path", rid, what, exc_info=e)
+            if not quiet:
+                self._crash(rid, st, f"{what}: {type(e).__name__}: {e}")
+        finally:
+            self._sync_bytes(st)
+
+    def _exchange(self, st: _Req, fn: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        """fn() under the request's lock, the whole of it (lock wait included) under the deadline.
+        Resolves to None when the request's cloud use ended meanwhile."""
+        async def locked() -> Any:
+            async with st.lock:
+                if st.failed:
+                    return None
+                return await fn()
+        return self.bridge.call(locked())
+
+    def _spawn(self, step: ExitStep, st: _Req, what: str, body: Callable[[], Awaitable[None]]) -> None:
+        rid = step.request.request_id
+        if not self.bridge.schedule(self._guarded(rid, st, what, body), what):
+            self._fail(rid, st, "the edge's event loop is gone (shutting down)")
 
     def _edge_choice(self, step: ExitStep) -> TokenChoice:
         banned = self._eog if step.request.params.ignore_eos else ()
@@ -266,8 +389,9 @@ class _CloudSource:
         return rows
 
     def _cloud_blocker(self, step: ExitStep, st: _Req) -> str | None:
-        """Why this step cannot use the cloud (None: it can)."""
+        """Why this step cannot use the cloud (None: it can). Engine thread."""
         if step.hidden is None:
+            st.rejoinable = False
             return "this request keeps no h_K (capture off)"
         if st.failed:
             return "cloud failed earlier in this request"
@@ -275,59 +399,97 @@ class _CloudSource:
             return f"cloud unreachable: {self.bridge.last_error}"
         return None
 
+    def _live_state(self, step: ExitStep) -> tuple[_Req, str | None]:
+        """The request's state, rejoined to the cloud if it left it and may come back now;
+        with the reason it stays on the edge (None: it uses the cloud)."""
+        st = self._state(step)
+        why = self._cloud_blocker(step, st)
+        if st.failed and self._may_rejoin(st):
+            st = self._rejoin(step, st)
+            why = self._cloud_blocker(step, st)
+        return st, why
+
+    def _may_rejoin(self, st: _Req) -> bool:
+        if not (st.rejoinable and st.left) or st.rejoins >= MAX_REJOINS:
+            return False
+        if time.monotonic() - st.failed_at < REJOIN_BACKOFF_S * 2 ** st.rejoins:
+            return False
+        if not self.bridge.connected:
+            self.bridge.want_link()
+            return False
+        return self.bridge.last_ok > st.failed_at  # a ping came back since the failure
+
+    def _rejoin(self, step: ExitStep, old: _Req) -> _Req:
+        """Take the cloud back: a fresh session that gets the whole h_K history (st.recorded = 0)."""
+        rid = step.request.request_id
+        st = _Req(self._session(old.cs.meter), old.stats, gamma=step.request.gamma or self.bridge.spec_gamma,
+                  rejoins=old.rejoins + 1)
+        with self._mu:
+            if self._reqs.get(rid) is old:
+                self._reqs[rid] = st
+        if old.recorded:
+            self._close_later(rid, old)
+        at = len(step.tokens) - len(step.request.prompt) - step.held
+        if step.stats.fallbacks:
+            step.stats.fallbacks[-1]["rejoined_at_token"] = at
+        ratelog.log("rejoin", logging.INFO, "request %s rejoined the cloud at token %d (replaying %d h_K rows)",
+                    rid, at, step.position)
+        return st
+
     def _stay_on_edge(self, step: ExitStep, st: _Req, why: str) -> bool:
-        """Mark the request edge-only; its first reason (not "cloud failed earlier") goes into
-        its stats. True if this call is that first time."""
+        """Mark the request edge-only for now (engine thread); its first reason (not "cloud failed
+        earlier") goes into its stats. True if this call is that first time."""
         if st.failed:
             return False
-        st.failed = True
-        step.stats.fallback = why
+        st.failed, st.failed_at, st.left = True, time.monotonic(), True
+        if step.stats.fallback is None:
+            step.stats.fallback = why
+        step.stats.fallbacks.append({"at_token": len(step.tokens) - len(step.request.prompt) - step.held,
+                                     "reason": why, "rejoined_at_token": None})
         return True
 
     def _fail(self, rid: str, st: _Req, why: str) -> None:
-        st.failed = True
-        log.warning("request %s continues in edge mode: %s", rid, why)
+        """A cloud failure (any thread): continue in edge mode now, maybe rejoin later."""
+        if st.failed:
+            return
+        st.failed, st.failed_at = True, time.monotonic()
+        ratelog.log("fallback", logging.WARNING, "request %s continues in edge mode: %s", rid, why)
         if self.bridge.on_fallback is not None:
-            self.bridge.on_fallback(self.mode, why)
-        self.engine.fall_back(rid, why)
+            try:
+                self.bridge.on_fallback(self.mode, why)
+            except Exception:
+                log.exception("on_fallback hook failed")
+
+        def applied() -> None:  # engine thread: the fallback's `fallbacks` entry exists now
+            st.left = True
+        self.engine.fall_back(rid, why, applied, rejoin=True)
+
+    def _crash(self, rid: str, st: _Req, what: str) -> None:
+        """A bug on the cloud path (loop thread): the request ends with an error, no fallback."""
+        st.failed, st.rejoinable = True, False
+        self.engine.abort(rid, f"internal error on the edge's cloud path ({what})")
 
     def _infer(self, step: ExitStep, st: _Req, rows: np.ndarray, lazy: np.ndarray | None = None) -> None:
         """Ask the cloud for position step.position's token; deliver it (or fall back)."""
-        rid, stats, params = step.request.request_id, step.stats, step.request.params
+        rid, params = step.request.request_id, step.request.params
         sampling = wire_sampling(params)
-        up = rows.shape[0] * rows.shape[1] * 2
 
         async def run() -> None:
-            async with st.lock:
-                if st.failed:
-                    return
-                try:
-                    res = await self.bridge.call(st.cs.infer(rows, sampling, top_n=1))
-                except Exception as e:
-                    self._fail(rid, st, _why(e))
-                    return
-            stats.cloud_round_trips += 1
-            stats.bytes_up += up + 64
-            stats.bytes_down += 48
+            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1))
+            if res is None or st.failed:
+                return
             p = next((pr for t, pr in res.top if t == res.token), None)
             conf = res.top[0][1] if res.top else 0.0
             lp = math.log(p) if p else 0.0
             self.engine.deliver(rid, TokenChoice(res.token, lp, conf, origin="cloud"))
 
-        self.bridge.schedule(run())
+        self._spawn(step, st, "infer", run)
 
     def _append_lazy(self, step: ExitStep, st: _Req, rows: np.ndarray) -> None:
-        stats = step.stats
-        up = rows.shape[0] * rows.shape[1] * 2 + 64
-
         async def run() -> None:
-            async with st.lock:
-                if st.failed:
-                    return
-                await st.cs.append_lazy(rows)
-                stats.bytes_up += up
+            await self._exchange(st, lambda: st.cs.append_lazy(rows))
 
-        self.bridge.schedule(run())
+        self._spawn(step, st, "lazy append", run)
 
 
 class CloudModeSource(_CloudSource):
@@ -336,8 +498,8 @@ class CloudModeSource(_CloudSource):
     mode = "cloud"
 
     def decide(self, step: ExitStep) -> TokenChoice | None:
-        st = self._state(step)
-        if (why := self._cloud_blocker(step, st)) is not None:
+        st, why = self._live_state(step)
+        if why is not None:
             self._stay_on_edge(step, st, why)
             return self._edge_choice(step)
         self._infer(step, st, self._rows(step, st, step.position))
@@ -353,9 +515,9 @@ class CollabSource(_CloudSource):
         super().__init__(engine, bridge)
 
     def decide(self, step: ExitStep) -> TokenChoice | None:
-        st = self._state(step)
+        st, why = self._live_state(step)
         choice = self._edge_choice(step)
-        if (why := self._cloud_blocker(step, st)) is not None:
+        if why is not None:
             self._stay_on_edge(step, st, why)
             return choice
         tau = step.request.tau if step.request.tau is not None else self.bridge.tau
@@ -374,11 +536,11 @@ class SpecSource(_CloudSource):
     mode = "spec"
 
     def decide(self, step: ExitStep) -> TokenChoice | Draft | None:
-        st = self._state(step)
+        st, why = self._live_state(step)
         choice = self._edge_choice(step)
-        if (why := self._cloud_blocker(step, st)) is not None:
+        if why is not None:
             if self._stay_on_edge(step, st, why) and step.held:  # cannot happen before the first verify; be safe
-                self.engine.fall_back(step.request.request_id, why)
+                self.engine.fall_back(step.request.request_id, why, rejoin=st.rejoinable)
                 return None
             return choice
         now = time.monotonic()
@@ -431,25 +593,19 @@ class SpecSource(_CloudSource):
         probs = None
         if not sampling.greedy:
             probs = tuple(st.q.pop(p, ()) for p in range(start, P))
-        up = rows.shape[0] * rows.shape[1] * 2 + 8 * len(draft) + 64
         gamma_max = max(2 * self.bridge.spec_gamma,
                         math.ceil((self.bridge.rtt_s or 0.0) / st.t_draft) if st.t_draft > 0 else 0)
         gamma_max = min(gamma_max, 32) if step.request.gamma is None else step.request.gamma  # auto's spec@γ: a cap
 
+        async def exchange() -> Any:
+            if catch is not None:
+                st.cs.record(catch)
+            return await st.cs.verify(rows, draft, sampling, probs)
+
         async def run() -> None:
-            async with st.lock:
-                if st.failed:
-                    return
-                if catch is not None:
-                    st.cs.record(catch)
-                try:
-                    res = await self.bridge.call(st.cs.verify(rows, draft, sampling, probs))
-                except Exception as e:
-                    self._fail(rid, st, _why(e))
-                    return
-            stats.cloud_round_trips += 1
-            stats.bytes_up += up
-            stats.bytes_down += 48
+            res = await self._exchange(st, exchange)
+            if res is None or st.failed:
+                return
             stats.drafted += len(draft)
             stats.accepted += res.accepted
             stats.rejections += int(res.accepted < len(draft))
@@ -465,7 +621,7 @@ class SpecSource(_CloudSource):
             self.engine.deliver_verdict(rid, start, res.accepted, TokenChoice(res.token, 0.0, 0.0, origin="cloud"),
                                         applied)
 
-        self.bridge.schedule(run())
+        self._spawn(step, st, "verify", run)
 
 
 def register_cloud_modes(engine: Engine, bridge: CloudBridge) -> dict[str, _CloudSource]:

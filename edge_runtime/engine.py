@@ -74,6 +74,9 @@ class FoglineStats:
     accepted: int = 0
     rejections: int = 0
     auto: dict[str, object] | None = None  # the auto policy's decision, when the request asked for `auto`
+    # each time the request left the cloud: {at_token, reason, rejoined_at_token (None: never came back)};
+    # token counts are completion tokens emitted before that moment
+    fallbacks: list[dict[str, object]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"mode": self.mode, "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
@@ -81,6 +84,8 @@ class FoglineStats:
                                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
         if self.auto is not None:
             d["auto"] = self.auto
+        if self.fallbacks:
+            d["fallbacks"] = [dict(f) for f in self.fallbacks]
         return d
 
 
@@ -323,10 +328,21 @@ class Engine:
             self._apply_verdict(seq, start, accepted, correction, applied)
         self._queue_control(request_id, apply, None)
 
-    def fall_back(self, request_id: str, reason: str, applied: Callable[[], None] | None = None) -> None:
-        """The cloud failed this request: emit its held drafts as edge tokens and finish in edge mode."""
+    def fall_back(self, request_id: str, reason: str, applied: Callable[[], None] | None = None, *,
+                  rejoin: bool = False) -> None:
+        """The cloud failed this request: emit its held drafts as edge tokens and continue in edge
+        mode. rejoin=False: for good (the edge source takes over). rejoin=True: the request's own
+        source stays in charge and answers from the exit head until it takes the cloud back
+        (`FoglineStats.fallbacks` records both moments)."""
         def apply(seq: _Sequence) -> None:
-            self._apply_fallback(seq, reason, applied)
+            self._apply_fallback(seq, reason, applied, rejoin=rejoin)
+        self._queue_control(request_id, apply, None)
+
+    def abort(self, request_id: str, error: str) -> None:
+        """End a request now with finish_reason "error" (a bug on its path, not a cloud failure:
+        the HTTP layer answers 500 / an SSE error event)."""
+        def apply(seq: _Sequence) -> None:
+            self._finish(seq, "error", error=error)
         self._queue_control(request_id, apply, None)
 
     def _queue_control(self, request_id: str, apply: Callable[[_Sequence], None],
@@ -539,11 +555,15 @@ class Engine:
             step, seq.parked, seq.parked_step = seq.parked_step, False, None
             self._decide(seq, step)
 
-    def _apply_fallback(self, seq: _Sequence, reason: str, applied: Callable[[], None] | None = None) -> None:
+    def _apply_fallback(self, seq: _Sequence, reason: str, applied: Callable[[], None] | None = None, *,
+                        rejoin: bool = False) -> None:
         rid = seq.req.request_id
-        seq.stats.fallback = reason
-        seq.source.release(seq.req)
-        seq.source = self._sources["edge"]
+        if seq.stats.fallback is None:  # the first reason: why the request did not run as asked
+            seq.stats.fallback = reason
+        seq.stats.fallbacks.append({"at_token": seq.n_generated, "reason": reason, "rejoined_at_token": None})
+        if not rejoin:
+            seq.source.release(seq.req)
+            seq.source = self._sources["edge"]
         held, seq.held = seq.held, []
         if applied is not None:
             applied()
