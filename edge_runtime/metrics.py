@@ -41,6 +41,16 @@ class EdgeMetrics:
         self.queue_depth = Gauge("fogline_edge_queue_depth", "Requests waiting for a free sequence", registry=r)
         self.active = Gauge("fogline_edge_active_sequences", "Sequences being decoded", registry=r)
         self.ready = Gauge("fogline_edge_ready", "1 once the model is loaded and the engine runs", registry=r)
+        self.request_bytes = Counter("fogline_edge_request_cloud_bytes",
+                                     "Websocket bytes (frames as sent/received) of finished requests' cloud sessions",
+                                     ["direction"], registry=r)
+        self.cloud_departures = Counter("fogline_edge_cloud_departures",
+                                        "Times a request left the cloud for the edge (rejoined: came back)",
+                                        ["rejoined"], registry=r)
+        for d in ("up", "down"):
+            self.request_bytes.labels(d)
+        for x in ("true", "false"):
+            self.cloud_departures.labels(x)
 
     def watch_cloud(self, bridge: object) -> None:
         """Cloud link gauges, read from the CloudBridge at scrape time."""
@@ -51,6 +61,19 @@ class EdgeMetrics:
         self.cloud_connected.set_function(lambda: float(bridge.connected))  # type: ignore[attr-defined]
         self.cloud_rtt.set_function(lambda: bridge.rtt_s or 0.0)  # type: ignore[attr-defined]
         self.cloud_reconnects.set_function(lambda: bridge.reconnects)  # type: ignore[attr-defined]
+        # every frame on the link, hello/pings/closes included (the HTTP upgrade is not a frame)
+        self.link_bytes = Gauge("fogline_edge_cloud_link_bytes", "Websocket bytes on the cloud link since start",
+                                ["direction"], registry=r)
+        total = bridge.link.total  # type: ignore[attr-defined]
+        self.link_bytes.labels("up").set_function(lambda: total.up)
+        self.link_bytes.labels("down").set_function(lambda: total.down)
+
+    def observe_cloud_bytes(self, up: int, down: int, departures: int, rejoined: int) -> None:
+        """A finished request's measured cloud traffic and its fallbacks / rejoins."""
+        self.request_bytes.labels("up").inc(up)
+        self.request_bytes.labels("down").inc(down)
+        self.cloud_departures.labels("true").inc(rejoined)
+        self.cloud_departures.labels("false").inc(departures - rejoined)
 
     def watch(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Gauges read the engine at scrape time."""

@@ -382,6 +382,9 @@ class _Timing:
         self.m.finished.labels(ev.finish_reason or "unknown").inc()
         if ev.stats is not None and ev.stats.fallback is not None:
             self.m.fallbacks.labels(requested_mode).inc()
+        if ev.stats is not None:
+            self.m.observe_cloud_bytes(ev.stats.bytes_up, ev.stats.bytes_down, len(ev.stats.fallbacks),
+                                       sum(f.get("rejoined_at_token") is not None for f in ev.stats.fallbacks))
         if self.auto is None or ev.stats is None:
             return
         decode_s = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
