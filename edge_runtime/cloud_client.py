@@ -203,9 +203,9 @@ class CloudLink:
         """Count this session's frames (both directions) into `meter` from now on."""
         self._meters[session] = meter
 
-    def take_deferred(self, session: str) -> ProtocolError | None:
+    def deferred(self, session: str) -> ProtocolError | None:
         """The error an ack-less append of `session` got and no later request has raised yet."""
-        return self._deferred.pop(session, None)
+        return self._deferred.get(session)
 
     def _fail_all(self, e: ProtocolError) -> None:
         self._reply_meters.clear()

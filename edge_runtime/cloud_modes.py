@@ -262,6 +262,16 @@ class CloudBridge:
             raise DeadlineExceeded(f"cloud slower than cloud_deadline_ms ({self.deadline_s * 1000:.0f} ms)") from None
 
 
+def _why(e: BaseException) -> str:
+    if isinstance(e, DeadlineExceeded):
+        return str(e)
+    if isinstance(e, ReplayImpossible):
+        return f"cloud lost the session and replay is impossible: {e}"
+    if isinstance(e, FoglineError):
+        return f"cloud error: {e}"
+    return f"cloud unavailable: {type(e).__name__}: {e}"
+
+
 @dataclass
 class _Req:
     """One request's cloud state (engine thread fields + loop thread fields, see each). A rejoin
@@ -351,15 +361,21 @@ class _CloudSource:
             await body()
         except asyncio.CancelledError:
             raise
-        except CLOUD_FAILURES as e:
-            if quiet:
-                log.debug("request %s: %s failed: %s", rid, what, e)
-            else:
-                self._fail(rid, st, _why(e))
         except Exception as e:
-            log.error("request %s: %s raised a bug on the edge's cloud path", rid, what, exc_info=e)
-            if not quiet:
-                self._crash(rid, st, f"{what}: {type(e).__name__}: {e}")
+            try:
+                if isinstance(e, CLOUD_FAILURES):
+                    if quiet:
+                        log.debug("request %s: %s failed: %s", rid, what, e)
+                    else:
+                        self._fail(rid, st, _why(e))
+                else:
+                    log.error("request %s: %s raised a bug on the edge's cloud path", rid, what, exc_info=e)
+                    if not quiet:
+                        self._crash(rid, st, f"{what}: {type(e).__name__}: {e}")
+            except Exception as e2:  # the handling itself failed: still end the request
+                log.error("request %s: handling the failure of %s failed", rid, what, exc_info=e2)
+                if not quiet:
+                    self.engine.abort(rid, f"internal error on the edge's cloud path ({what}): {e2!r}")
         finally:
             self._sync_bytes(st)
 

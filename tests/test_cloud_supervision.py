@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
@@ -118,7 +119,8 @@ async def complete(client: Any, mode: str, n: int = 24, **extra: Any) -> tuple[i
     """(status, body, seconds) of a greedy /v1/completions request."""
     t0 = time.monotonic()
     r = await client.post("/v1/completions", json={"model": "m", "prompt": PROMPT, "max_tokens": n, "temperature": 0,
-                                                   "mode": mode, "ignore_eos": True, **extra})
+                                                   "mode": mode, "ignore_eos": True, **extra},
+                          timeout=aiohttp.ClientTimeout(total=4 * BOUND_S))  # a parked request fails fast
     return r.status, await r.json(), time.monotonic() - t0
 
 
@@ -176,7 +178,7 @@ async def test_a_bug_on_the_cloud_path_is_a_500_with_a_traceback(aiohttp_server,
             with monkeypatch.context() as mp:
                 mp.setattr(CloudSession, method, broken)
                 caplog.clear()
-                status, body, took = await complete(client, mode, **extra)
+                status, body, took = await complete(client, mode, n=48, **extra)
                 assert status == 500, (mode, body)
                 assert body["error"]["type"] == "server_error", body
                 assert "AttributeError" in body["error"]["message"] and method in body["error"]["message"], body
@@ -186,7 +188,8 @@ async def test_a_bug_on_the_cloud_path_is_a_500_with_a_traceback(aiohttp_server,
                 # streamed: an SSE error event, then [DONE]
                 r = await client.post("/v1/completions", json={"model": "m", "prompt": PROMPT, "max_tokens": 24,
                                                                "temperature": 0, "mode": mode, "ignore_eos": True,
-                                                               "stream": True, **extra})
+                                                               "stream": True, **extra},
+                                      timeout=aiohttp.ClientTimeout(total=4 * BOUND_S))
                 events = [ln[6:] for ln in (await r.text()).splitlines() if ln.startswith("data: ")]
                 assert events[-1] == "[DONE]", events
                 last = json.loads(events[-2])
