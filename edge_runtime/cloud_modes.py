@@ -377,7 +377,8 @@ class _CloudSource:
                 if not quiet:
                     self.engine.abort(rid, f"internal error on the edge's cloud path ({what}): {e2!r}")
         finally:
-            self._sync_bytes(st)
+            if not quiet:  # after the request (its Close): the response's figures are final
+                self._sync_bytes(st)
 
     def _exchange(self, st: _Req, fn: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
         """fn() under the request's lock, the whole of it (lock wait included) under the deadline.
