@@ -45,6 +45,9 @@ class CloudConfig:
     batch_window_ms: float = 2.0  # after a step arrives, wait this long for other sessions' steps
     max_batch_tokens: int = 4096  # rows in one forward pass
     max_queue: int = 1024  # steps waiting for the model; beyond this requests get `overloaded`
+    # /health answers 503 "overloaded" once this many steps wait for the model, so a load balancer
+    # stops sending new edges before the batcher refuses steps; 0 = 3/4 of max_queue
+    health_max_queue: int = 0
     schedule: str = "vdf"  # queued steps: "vdf" (value density: nearest deadline, cheapest first) or "fifo"
     step_deadline_ms: float = 250.0  # an infer/verify is due this long after it arrives (lazy appends: 4x)
     max_inflight_per_connection: int = 256  # concurrent requests one websocket may have
@@ -79,6 +82,8 @@ class CloudConfig:
             raise ConfigError(f"codecs must be a non-empty subset of fp32, fp16, int8 (got {sorted(bad)})")
         if self.schedule not in ("vdf", "fifo"):
             raise ConfigError(f"schedule {self.schedule!r} must be 'vdf' or 'fifo'")
+        if self.health_max_queue < 0:
+            raise ConfigError(f"health_max_queue must not be negative, got {self.health_max_queue}")
         if self.step_deadline_ms <= 0:
             raise ConfigError(f"step_deadline_ms must be positive, got {self.step_deadline_ms}")
         for name in ("session_ttl_s", "reap_interval_s", "batch_window_ms", "hello_timeout_s", "shutdown_grace_s"):
@@ -199,6 +204,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl-s", type=float, dest="session_ttl_s")
     p.add_argument("--batch-window-ms", type=float, dest="batch_window_ms")
     p.add_argument("--schedule", choices=["vdf", "fifo"], help="order of queued steps (default vdf)")
+    p.add_argument("--health-max-queue", type=int, dest="health_max_queue",
+                   help="/health is 503 once this many steps wait (default 0: 3/4 of max_queue)")
     p.add_argument("--step-deadline-ms", type=float, dest="step_deadline_ms",
                    help="an infer/verify is due this long after it arrives (default 250)")
     p.add_argument("--fast-gemv", action="store_true", default=None, dest="fast_gemv",

@@ -278,11 +278,25 @@ async def _reap(rt: CloudRuntime) -> None:
             log.info("reaped %d idle session(s)", n)
 
 
+def health_limit(config: CloudConfig) -> int:
+    """Queued steps at which /health reports overloaded."""
+    return config.health_max_queue or max(1, config.max_queue * 3 // 4)
+
+
+def health_status(rt: CloudRuntime) -> str:
+    """ok | draining | overloaded: what a load balancer must know (only "ok" is a 200)."""
+    if rt.draining:
+        return "draining"
+    if rt.batcher.queued >= health_limit(rt.config):
+        return "overloaded"
+    return "ok"
+
+
 def health_body(rt: CloudRuntime, connections: int) -> dict[str, Any]:
     """What /health reports for one runtime (the Ray Serve app lists one of these per replica)."""
     m = rt.manifest
     return {
-        "status": "draining" if rt.draining else "ok",
+        "status": health_status(rt), "queue_limit": health_limit(rt.config),
         "fingerprint": m.fingerprint, "split": m.split, "n_layers": m.n_layers,
         "device": rt.config.device, "dtype": rt.config.dtype,
         "sessions": len(rt.store), "kv_bytes": rt.store.kv_bytes, "kv_budget_bytes": rt.store.budget,
@@ -321,7 +335,10 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response(health_body(request.app[RUNTIME], len(request.app[CONNECTIONS])))
+    """200 only while this runtime takes new work: 503 while draining or overloaded (body says which)."""
+    body = health_body(request.app[RUNTIME], len(request.app[CONNECTIONS]))
+    return web.json_response(body, status=200 if body["status"] == "ok" else 503,
+                             headers=None if body["status"] == "ok" else {"Retry-After": "1"})
 
 
 async def metrics(request: web.Request) -> web.Response:
