@@ -191,7 +191,7 @@ async def test_lru_eviction_and_replay(aiohttp_server, demo_bundle, manifest, di
     from edge_runtime.cloud_generation import CloudSession
     from fogline.wire import UnknownSession
 
-    per_session = direct.new_cache().nbytes()  # one 256-position chunk
+    per_session = direct.new_cache().bytes_for(5)  # the KV blocks of one 5-position session
     server = await start(aiohttp_server, demo_bundle, kv_budget_bytes=3 * per_session)
     h = [rows(5, 200 + i) for i in range(4)]
     async with link_for(server, manifest) as link:
