@@ -5,10 +5,11 @@ The loop (vLLM's step, in miniature): take the first waiting step, gather
 more, run the pass in the model thread, hand each step its logits rows,
 repeat. While a pass runs, new steps queue up, so a busy server batches
 without waiting at all. Gathering waits only for sessions that are *expected*:
-answered recently, and within about twice their own usual think time (answer
-to next step) of coming back. It stops as soon as every expected session has a
-step in the batch — a lone session, or one whose peers went quiet (closed,
-thinking longer than usual), never waits — or when no new step arrived for
+answered recently, and due back within about twice their own usual think time
+(answer to next step). It stops as soon as every expected session has a step in
+the batch or the last one's due time has passed — a lone session never waits,
+and one whose peers went quiet (closed, thinking longer than usual) waits at
+most their due time, not a window — or when no new step arrived for
 `window` seconds (the gap between arrivals, not the total: steps of many
 sessions trickle in over a few ms after a pass answers them all), or after 20
 windows in all.
@@ -83,6 +84,7 @@ class Step:
 
 SCHEDULES = ("vdf", "fifo")
 LAZY_DEADLINE_FACTOR = 4.0  # a lazy append (no edge waits on it) is due this many step deadlines later
+EXPECT_SLACK_S = 0.001  # an expected session may come back this much later than twice its think time
 
 
 class _StepQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -188,20 +190,20 @@ class Batcher:
             return (1, s.seq)
         return (0, -1.0 / (max(slack, 1e-9) * s.rows), s.seq)
 
-    def _expected(self, now: float) -> set[int]:
-        """Sessions answered recently that should submit again within about twice their usual
-        think time; the rest (closed, idle, slower than usual) are forgotten."""
+    def _expected(self, now: float) -> dict[int, float]:
+        """Sessions answered recently that should submit again soon -> by when (their answer +
+        twice their usual think time + EXPECT_SLACK_S); forgets sessions quiet past the horizon."""
         horizon = max(0.2, 4 * self._pass_s)
         keep: dict[int, float] = {}
-        expected: set[int] = set()
+        expected: dict[int, float] = {}
         for k, t in self._answered.items():
             if now - t > horizon:
                 self._think.pop(k, None)
                 continue
             keep[k] = t
             think = self._think.get(k)
-            if think is not None and now - t <= 2 * think + self.window_s:
-                expected.add(k)
+            if think is not None and (due := t + 2 * think + EXPECT_SLACK_S) > now:
+                expected[k] = due
         self._answered = keep
         return expected
 
@@ -209,12 +211,16 @@ class Batcher:
         first = await self._queue.get()
         batch, tokens = [first], first.rows
         now = time.perf_counter()
-        waiting_for = self._expected(now) - {id(first.session)}
+        waiting_for = self._expected(now)
+        waiting_for.pop(id(first.session), None)
         hard_deadline = now + 20 * self.window_s
         while tokens < self.max_tokens:
             if self._queue.empty():
-                remaining = min(self.window_s, hard_deadline - time.perf_counter())
-                if not waiting_for or remaining <= 0:
+                t = time.perf_counter()
+                # never past the last expected session's due time: one that does not come back
+                # (closed, thinking) costs its peers at most that, not a window
+                remaining = min(self.window_s, hard_deadline - t, max(waiting_for.values(), default=t) - t)
+                if remaining <= 0:
                     break
                 try:
                     nxt = await asyncio.wait_for(self._queue.get(), remaining)
@@ -226,7 +232,7 @@ class Batcher:
                 self._queue.put_nowait(nxt)  # goes to the back; fine: it runs in the next pass
                 break
             batch.append(nxt)
-            waiting_for.discard(id(nxt.session))
+            waiting_for.pop(id(nxt.session), None)
             tokens += nxt.rows
         return batch
 
