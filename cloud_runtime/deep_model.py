@@ -88,16 +88,25 @@ class PackedLinear(nn.Module):
     """nn.Linear with its weight in oneDNN's blocked layout (see DeepModel.prepack_linears).
 
     Calls the oneDNN linear op directly (torch.utils.mkldnn.MkldnnLinear is a deprecated
-    TorchScript module with more per-call overhead); inputs are dense 2-D rows."""
+    TorchScript module with more per-call overhead); inputs are dense 2-D rows.
+    keep_dense_gemv: also keep the dense weight and use it for single-row inputs. Measured
+    (tools/bench_cloud.py part c, 1 thread): for the deep layers' shapes MKL's single-row
+    F.linear runs at ~31-36 GFLOP/s and oneDNN's at ~13-29, while from 16 rows up oneDNN
+    wins 1.3-2x; for the LM head oneDNN wins at every row count. Costs a second copy of
+    that weight."""
 
-    def __init__(self, dense: nn.Linear) -> None:
+    def __init__(self, dense: nn.Linear, keep_dense_gemv: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = dense.in_features, dense.out_features
         bias = dense.bias.detach() if dense.bias is not None else torch.zeros(dense.out_features)
         self.register_buffer("weight", dense.weight.detach().float().to_mkldnn())
         self.register_buffer("bias", bias.float().to_mkldnn())
+        self.dense_weight = dense.weight.detach() if keep_dense_gemv else None
+        self.dense_bias = dense.bias.detach() if (keep_dense_gemv and dense.bias is not None) else None
 
     def forward(self, x: Tensor) -> Tensor:  # [N, I] -> [N, O]
+        if self.dense_weight is not None and x.shape[0] == 1:
+            return F.linear(x, self.dense_weight, self.dense_bias)
         return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
 
 
@@ -144,7 +153,8 @@ class DeepModel(nn.Module):
         [1, 576] x [576, 49152] takes 15.0 ms through F.linear (MKL) and 4.8 ms prepacked;
         64 rows 75 -> 47 ms; the deep layers' matmuls gain up to 2x at 8-64 rows. CPU and
         float32 only; checked against F.linear first, returns False (dense stays) if it
-        disagrees or oneDNN is missing. The dense weights are dropped (no second copy).
+        disagrees or oneDNN is missing. The deep layers keep their dense weights too, for
+        single-row steps (see PackedLinear); the LM head's are dropped.
         """
         if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return False
@@ -159,7 +169,7 @@ class DeepModel(nn.Module):
                     return False
                 for layer in self.layers:
                     for name in ("wqkv", "wo", "w13", "w2"):
-                        setattr(layer, name, PackedLinear(getattr(layer, name)))
+                        setattr(layer, name, PackedLinear(getattr(layer, name), keep_dense_gemv=True))
                 self.lm_head = packed
         except (RuntimeError, TypeError) as e:  # a torch built without oneDNN kernels for this CPU
             log.warning("oneDNN prepacking unavailable: %s", str(e).splitlines()[0][:200])
