@@ -84,7 +84,7 @@ class Step:
 
 SCHEDULES = ("vdf", "fifo")
 LAZY_DEADLINE_FACTOR = 4.0  # a lazy append (no edge waits on it) is due this many step deadlines later
-EXPECT_SLACK_S = 0.001  # an expected session may come back this much later than twice its think time
+EXPECT_SLACK_MAX_S = 0.005  # an expected session may come back up to min(window, this) past 2 x its think time
 
 
 class _StepQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -191,8 +191,9 @@ class Batcher:
         return (0, -1.0 / (max(slack, 1e-9) * s.rows), s.seq)
 
     def _expected(self, now: float) -> dict[int, float]:
-        """Sessions answered recently that should submit again soon -> by when (their answer +
-        twice their usual think time + EXPECT_SLACK_S); forgets sessions quiet past the horizon."""
+        """Sessions answered recently that should submit again soon -> by when: their answer +
+        twice their usual think time + one window (at most EXPECT_SLACK_MAX_S) of slack.
+        Sessions quiet past the horizon are forgotten."""
         horizon = max(0.2, 4 * self._pass_s)
         keep: dict[int, float] = {}
         expected: dict[int, float] = {}
@@ -202,7 +203,7 @@ class Batcher:
                 continue
             keep[k] = t
             think = self._think.get(k)
-            if think is not None and (due := t + 2 * think + EXPECT_SLACK_S) > now:
+            if think is not None and (due := t + 2 * think + min(self.window_s, EXPECT_SLACK_MAX_S)) > now:
                 expected[k] = due
         self._answered = keep
         return expected
