@@ -4,11 +4,19 @@ run as one `forward_ragged` pass.
 The loop (vLLM's step, in miniature): take the first waiting step, gather
 more, run the pass in the model thread, hand each step its logits rows,
 repeat. While a pass runs, new steps queue up, so a busy server batches
-without waiting at all. Gathering stops as soon as every recently active
-session has a step in the batch (a lone session never waits), or when no new
-step arrived for `window` seconds (the gap between arrivals, not the total:
-steps of many sessions trickle in over a few ms after a pass answers them all),
-or after 20 windows in all.
+without waiting at all. Gathering waits only for sessions that are *expected*:
+answered recently, and due back within about twice their own usual think time
+(answer to next step). It stops as soon as every expected session has a step in
+the batch or the last one's due time has passed — a lone session never waits,
+and one whose peers went quiet (closed, thinking longer than usual) waits at
+most their due time, not a window — or when no new step arrived for
+`window` seconds (the gap between arrivals, not the total: steps of many
+sessions trickle in over a few ms after a pass answers them all), or after 20
+windows in all.
+
+A step carries h_K rows (`hidden`) or, for the whole model (cloud_runtime/full_model.py,
+the cloud-only baseline), token ids (`tokens`) that the model thread embeds: both kinds
+share one pass, one KV pool and the same kernels.
 
 A step's `finish` callback runs in the model thread on that step's logits
 (sampling, verification), so torch never runs on the event loop.
@@ -59,7 +67,7 @@ class Step:
 
     session: Session
     start: int
-    hidden: np.ndarray  # [T, D] float32
+    hidden: np.ndarray | None  # [T, D] float32 (None when `tokens` are given)
     logit_rows: str  # "none" (append), "last" (infer), "all" (verify)
     finish: Callable[[torch.Tensor | None], Any]  # runs in the model thread; its result is the step's
     future: asyncio.Future[Any] = field(default=None)  # type: ignore[assignment]
@@ -67,14 +75,16 @@ class Step:
     # when the answer is due, on the batcher's clock; None: arrival + the batcher's step deadline
     deadline: float | None = None
     seq: int = 0  # arrival order
+    tokens: np.ndarray | None = None  # [T] int64 token ids instead of `hidden` (whole model only)
 
     @property
     def rows(self) -> int:
-        return int(self.hidden.shape[0])
+        return int((self.hidden if self.tokens is None else self.tokens).shape[0])
 
 
 SCHEDULES = ("vdf", "fifo")
 LAZY_DEADLINE_FACTOR = 4.0  # a lazy append (no edge waits on it) is due this many step deadlines later
+EXPECT_SLACK_MAX_S = 0.005  # an expected session may come back up to min(window, this) past 2 x its think time
 
 
 class _StepQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -119,7 +129,8 @@ class Batcher:
         self._pass_clock = 0.0  # moving average of a pass's duration on `clock`
         self._queue = _StepQueue(self._priority, clock)
         self._task: asyncio.Task[None] | None = None
-        self._recent: dict[int, float] = {}  # id(session) -> when it last submitted a step
+        self._answered: dict[int, float] = {}  # id(session) -> when its last step was answered
+        self._think: dict[int, float] = {}  # id(session) -> moving average of answer -> next step
         self._pass_s = 0.0  # moving average of a pass's duration
         self._closed = False
         self.passes = 0
@@ -154,7 +165,11 @@ class Batcher:
         if step.deadline is None:
             lazy = LAZY_DEADLINE_FACTOR if step.logit_rows == "none" else 1.0
             step.deadline = self.clock() + lazy * self.step_deadline_s
-        self._recent[id(step.session)] = step.queued_at
+        key = id(step.session)
+        if (answered := self._answered.pop(key, None)) is not None:
+            gap = step.queued_at - answered
+            prev = self._think.get(key)
+            self._think[key] = gap if prev is None else 0.7 * prev + 0.3 * gap
         self._queue.put_nowait(step)
         try:
             return await asyncio.shield(step.future)
@@ -175,22 +190,38 @@ class Batcher:
             return (1, s.seq)
         return (0, -1.0 / (max(slack, 1e-9) * s.rows), s.seq)
 
-    def _active_sessions(self, now: float) -> int:
-        """Sessions that submitted within the last few pass durations (they will again)."""
+    def _expected(self, now: float) -> dict[int, float]:
+        """Sessions answered recently that should submit again soon -> by when: their answer +
+        twice their usual think time + one window (at most EXPECT_SLACK_MAX_S) of slack.
+        Sessions quiet past the horizon are forgotten."""
         horizon = max(0.2, 4 * self._pass_s)
-        self._recent = {k: t for k, t in self._recent.items() if now - t <= horizon}
-        return max(1, len(self._recent))
+        keep: dict[int, float] = {}
+        expected: dict[int, float] = {}
+        for k, t in self._answered.items():
+            if now - t > horizon:
+                self._think.pop(k, None)
+                continue
+            keep[k] = t
+            think = self._think.get(k)
+            if think is not None and (due := t + 2 * think + min(self.window_s, EXPECT_SLACK_MAX_S)) > now:
+                expected[k] = due
+        self._answered = keep
+        return expected
 
     async def _gather(self) -> list[Step]:
         first = await self._queue.get()
         batch, tokens = [first], first.rows
         now = time.perf_counter()
-        target = self._active_sessions(now)
+        waiting_for = self._expected(now)
+        waiting_for.pop(id(first.session), None)
         hard_deadline = now + 20 * self.window_s
         while tokens < self.max_tokens:
             if self._queue.empty():
-                remaining = min(self.window_s, hard_deadline - time.perf_counter())
-                if len(batch) >= target or remaining <= 0:
+                t = time.perf_counter()
+                # never past the last expected session's due time: one that does not come back
+                # (closed, thinking) costs its peers at most that, not a window
+                remaining = min(self.window_s, hard_deadline - t, max(waiting_for.values(), default=t) - t)
+                if remaining <= 0:
                     break
                 try:
                     nxt = await asyncio.wait_for(self._queue.get(), remaining)
@@ -202,6 +233,7 @@ class Batcher:
                 self._queue.put_nowait(nxt)  # goes to the back; fine: it runs in the next pass
                 break
             batch.append(nxt)
+            waiting_for.pop(id(nxt.session), None)
             tokens += nxt.rows
         return batch
 
@@ -228,7 +260,9 @@ class Batcher:
                         s.future.set_exception(InternalError(f"deep-layer pass failed: {type(e).__name__}: "
                                                              f"{str(e)[:200]}"))
                 continue
+            answered = time.perf_counter()
             for s, r in zip(batch, results):
+                self._answered[id(s.session)] = answered
                 if s.future.done():
                     continue
                 if isinstance(r, BaseException):
@@ -236,10 +270,16 @@ class Batcher:
                 else:
                     s.future.set_result(r)
 
+    def _input(self, s: Step) -> torch.Tensor:
+        """The step's rows entering the deep layers: its h_K, or its tokens' embeddings."""
+        if s.tokens is None:
+            return torch.from_numpy(s.hidden)
+        return self.model.embed(torch.from_numpy(s.tokens).to(self.model.device))
+
     def _execute(self, batch: list[Step]) -> list[Any]:
         """Model thread: one ragged pass, then each step's finish on its logits rows."""
         t0 = time.perf_counter()
-        segments = [Segment(torch.from_numpy(s.hidden), s.session.cache, s.start) for s in batch]
+        segments = [Segment(self._input(s), s.session.cache, s.start) for s in batch]
         normed = self.model.forward_ragged(segments)
         rows: list[int] = []
         off = 0

@@ -5,11 +5,14 @@ The cloud shard keeps Hugging Face names and layout (`model.layers.{i}.self_attn
 one projection and gate/up into another (fewer, larger matmuls — on a small
 model each op's fixed cost matters as much as its FLOPs).
 
-The model owns no KV cache: each session brings its own `KVCache` (from the
-session store), and one forward pass can serve several sessions at once
-(`forward_ragged`): norms, projections and the MLP run on all their tokens
-together, attention runs per session against that session's cache, with
-grouped-query attention done by SDPA itself (no repeat_interleave copies).
+The model owns no KV cache: each session brings its own `KVCache` (a block table
+into a shared `KVPool`, cloud_runtime/kv_cache.py), and one forward pass can serve
+several sessions at once (`forward_ragged`): norms, projections and the MLP run on
+all their tokens together; the new keys of all sessions go into the pool with one
+`index_copy_` per layer, and attention runs once per group of sessions with the
+same query length (all decoding sessions together) as one masked SDPA, with
+grouped-query attention done by SDPA itself (no repeat_interleave copies). The
+plan of a pass (slots, masks, groups) is built once, not per layer.
 
 `split=0` builds the whole model (with the token embedding): the benchmark's
 K=0 case, and a handy reference.
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cloud_runtime.kv_cache import KVCache, KVPool
 from fogline.arch import ArchSpec
 
 log = logging.getLogger("fogline.cloud.model")
@@ -80,42 +84,30 @@ class Block(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(d))
 
 
-class KVCache:
-    """One session's keys/values for the deep layers, preallocated, grown in chunks.
+class PackedLinear(nn.Module):
+    """nn.Linear with its weight in oneDNN's blocked layout (see DeepModel.prepack_linears).
 
-    k, v: [n_deep_layers, n_kv_heads, capacity, head_dim]; positions [0, length) are valid.
-    """
+    Calls the oneDNN linear op directly (torch.utils.mkldnn.MkldnnLinear is a deprecated
+    TorchScript module with more per-call overhead); inputs are dense 2-D rows.
+    keep_dense_gemv: also keep the dense weight and use it for single-row inputs. Measured
+    (tools/bench_cloud.py part c, 1 thread): for the deep layers' shapes MKL's single-row
+    F.linear runs at ~31-36 GFLOP/s and oneDNN's at ~13-29, while from 16 rows up oneDNN
+    wins 1.3-2x; for the LM head oneDNN wins at every row count. Costs a second copy of
+    that weight."""
 
-    CHUNK = 256
+    def __init__(self, dense: nn.Linear, keep_dense_gemv: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        bias = dense.bias.detach() if dense.bias is not None else torch.zeros(dense.out_features)
+        self.register_buffer("weight", dense.weight.detach().float().to_mkldnn())
+        self.register_buffer("bias", bias.float().to_mkldnn())
+        self.dense_weight = dense.weight.detach() if keep_dense_gemv else None
+        self.dense_bias = dense.bias.detach() if (keep_dense_gemv and dense.bias is not None) else None
 
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int = CHUNK) -> None:
-        self.k = torch.zeros(n_layers, n_kv, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def bytes_for(self, needed: int) -> int:
-        """nbytes() after reserve(needed)."""
-        cap = max(self.capacity, -(-needed // self.CHUNK) * self.CHUNK)
-        return self.nbytes() // self.capacity * cap
-
-    def reserve(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        new_cap = -(-needed // self.CHUNK) * self.CHUNK
-        pad = new_cap - self.capacity
-        self.k = F.pad(self.k, (0, 0, 0, pad))
-        self.v = F.pad(self.v, (0, 0, 0, pad))
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, max(0, length))
+    def forward(self, x: Tensor) -> Tensor:  # [N, I] -> [N, O]
+        if self.dense_weight is not None and x.shape[0] == 1:
+            return F.linear(x, self.dense_weight, self.dense_bias)
+        return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
 
 
 @dataclass
@@ -140,6 +132,7 @@ class DeepModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size) if split == 0 else None
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
         self._gemv: Any = None  # compiled single-row matmul, see enable_fast_gemv()
+        self._kv_pool: KVPool | None = None
 
     @property
     def n_deep(self) -> int:
@@ -147,14 +140,55 @@ class DeepModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.norm.dtype  # a plain tensor even when the linears are prepacked
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.norm.device
 
-    def new_cache(self, capacity: int = KVCache.CHUNK) -> KVCache:
-        return KVCache(self.n_deep, self.spec.n_kv_heads, self.spec.head_dim, self.dtype, self.device, capacity)
+    def prepack_linears(self) -> bool:
+        """Swap every linear for oneDNN's with its weight prepacked in oneDNN's blocked layout.
+
+        Measured on this project's 2-core EPYC (1 thread): the LM head's single-row matmul
+        [1, 576] x [576, 49152] takes 15.0 ms through F.linear (MKL) and 4.8 ms prepacked;
+        64 rows 75 -> 47 ms; the deep layers' matmuls gain up to 2x at 8-64 rows. CPU and
+        float32 only; checked against F.linear first, returns False (dense stays) if it
+        disagrees or oneDNN is missing. The deep layers keep their dense weights too, for
+        single-row steps (see PackedLinear); the LM head's are dropped.
+        """
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return False
+        try:
+            with torch.no_grad():
+                probe = self.lm_head
+                packed = PackedLinear(probe)
+                x = torch.randn(3, probe.in_features)
+                ref = F.linear(x, probe.weight)
+                if not torch.allclose(packed(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())):
+                    log.warning("oneDNN linear disagrees with F.linear; keeping dense weights")
+                    return False
+                for layer in self.layers:
+                    for name in ("wqkv", "wo", "w13", "w2"):
+                        setattr(layer, name, PackedLinear(getattr(layer, name), keep_dense_gemv=True))
+                self.lm_head = packed
+        except (RuntimeError, TypeError) as e:  # a torch built without oneDNN kernels for this CPU
+            log.warning("oneDNN prepacking unavailable: %s", str(e).splitlines()[0][:200])
+            return False
+        self._gemv = None
+        return True
+
+    @property
+    def kv_pool(self) -> KVPool:
+        """The pool every `new_cache()` draws from (made on first use, grows on demand)."""
+        if self._kv_pool is None:
+            self._kv_pool = KVPool(self.n_deep, self.spec.n_kv_heads, self.spec.head_dim, self.dtype, self.device)
+        return self._kv_pool
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty session cache from the model's pool, with room for `capacity` positions."""
+        cache = self.kv_pool.new_cache()
+        cache.reserve(capacity)
+        return cache
 
     def kv_bytes_per_position(self) -> int:
         return 2 * self.n_deep * self.spec.n_kv_heads * self.spec.head_dim * torch.finfo(self.dtype).bits // 8
@@ -206,8 +240,8 @@ class DeepModel(nn.Module):
         by exactly that stream. One compile per distinct weight shape (5 for a Llama),
         checked against F.linear; returns False (eager stays) when compiling fails.
         """
-        if self.device.type != "cpu":
-            return False  # on GPUs cuBLAS' gemv is already at memory speed
+        if self.device.type != "cpu" or not isinstance(self.lm_head, nn.Linear):
+            return False  # on GPUs cuBLAS' gemv is already at memory speed; prepacked: oneDNN's own
         try:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             fn = torch.compile(_gemv, dynamic=False, fullgraph=True)
@@ -229,7 +263,7 @@ class DeepModel(nn.Module):
         if self._gemv is not None and x.shape[0] == 1:
             y = self._gemv(x, lin.weight)
             return y if lin.bias is None else y + lin.bias
-        return lin(x)
+        return lin(x if isinstance(lin, nn.Linear) else x.contiguous())  # oneDNN wants dense rows
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
@@ -249,42 +283,50 @@ class DeepModel(nn.Module):
 
         Returns the final-normed hidden states [sum T, D] in segment order; apply
         `logits()` to the rows you need (usually the last of each segment).
-        Segments of the same cache must be consecutive (later ones continue earlier ones).
+        Norms, projections and the MLP run on all rows at once; attention runs once per
+        group of segments with the same query length (and pool), as one masked SDPA over
+        the group's keys read from the pool. Segments of the same cache must come in
+        position order (a later one sees the earlier one's keys).
         """
         spec = self.spec
         hd, nh, nkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
         eps = spec.rms_norm_eps
-        lens = [s.hidden.shape[0] for s in segments]
+        plan = _plan(segments, self.device)
         x = torch.cat([s.hidden.to(self.device, self.dtype) for s in segments], dim=0)  # [N, D]
-        positions = torch.cat([torch.arange(s.start, s.start + n) for s, n in zip(segments, lens)])
-        cos, sin = self._rope(positions.to(self.device))  # [N, 1, hd]
-        for s, n in zip(segments, lens):
-            s.cache.reserve(s.start + n)
-        # Causal masks for multi-token segments (single-token queries see every key).
-        masks = [None if n == 1 else _causal_mask(s.start, n, x.device) for s, n in zip(segments, lens)]
+        if plan.perm is not None:
+            x = x.index_select(0, plan.perm)  # rows of one group next to each other
+        cos, sin = self._rope(plan.positions)  # [N, 1, hd]
         n_qk = (nh + nkv) * hd
         for li, layer in enumerate(self.layers):
             qkv = self._lin(rms_norm(x, layer.attn_norm, eps), layer.wqkv)  # [N, (H+2Hkv)*hd]
             qk = qkv[:, :n_qk].view(-1, nh + nkv, hd)
             qk = qk * cos + rotate_half(qk) * sin  # rope on q and k in one go
-            q, k = qk[:, :nh], qk[:, nh:]  # [N, H, hd], [N, Hkv, hd]
-            v = qkv[:, n_qk:].view(-1, nkv, hd)
+            q = qk[:, :nh]  # [N, H, hd]
+            for g in plan.groups:  # every group's new keys first: a later segment of a cache sees them
+                g.pool.k[li].index_copy_(0, g.write, qk[g.rows, nh:])
+                g.pool.v[li].index_copy_(0, g.write, qkv[g.rows, n_qk:].view(-1, nkv, hd))
             outs = []
-            off = 0
-            for s, n, mask in zip(segments, lens, masks):
-                ck, cv, end = s.cache.k[li], s.cache.v[li], s.start + n  # [Hkv, cap, hd]
-                ck[:, s.start:end] = k[off:off + n].transpose(0, 1)
-                cv[:, s.start:end] = v[off:off + n].transpose(0, 1)
-                o = F.scaled_dot_product_attention(q[off:off + n].transpose(0, 1), ck[:, :end], cv[:, :end],
-                                                   attn_mask=mask, enable_gqa=nkv != nh)  # [H, T, hd]
-                outs.append(o.transpose(0, 1).reshape(n, nh * hd))
-                off += n
+            for g in plan.groups:
+                pk, pv = g.pool.k[li], g.pool.v[li]  # [slots, Hkv, hd]
+                if isinstance(g.read, int):  # one session in consecutive slots: a view, no gather
+                    k = pk[g.read:g.read + g.kv_len].unsqueeze(0)
+                    v = pv[g.read:g.read + g.kv_len].unsqueeze(0)
+                else:
+                    k = pk.index_select(0, g.read).view(g.b, g.kv_len, nkv, hd)
+                    v = pv.index_select(0, g.read).view(g.b, g.kv_len, nkv, hd)
+                o = F.scaled_dot_product_attention(q[g.rows].view(g.b, g.t, nh, hd).transpose(1, 2),
+                                                   k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask,
+                                                   enable_gqa=nkv != nh)  # [B, H, T, hd]
+                outs.append(o.transpose(1, 2).reshape(g.b * g.t, nh * hd))
             x = x + self._lin(outs[0] if len(outs) == 1 else torch.cat(outs, dim=0), layer.wo)
             gate, up = self._lin(rms_norm(x, layer.mlp_norm, eps), layer.w13).chunk(2, dim=-1)
             x = x + self._lin(F.silu(gate) * up, layer.w2)
-        for s, n in zip(segments, lens):
-            s.cache.length = s.start + n
-        return rms_norm(x, self.norm, eps)
+        for s in segments:
+            s.cache.length = max(s.cache.length, s.start + s.hidden.shape[0])
+        out = rms_norm(x, self.norm, eps)
+        if plan.perm is not None:
+            out = torch.empty_like(out).index_copy_(0, plan.perm, out)  # back to segment order
+        return out
 
     @torch.inference_mode()
     def logits(self, normed: Tensor) -> Tensor:
@@ -297,21 +339,84 @@ def _gemv(x: Tensor, w: Tensor) -> Tensor:
     return (x[:, None, :] * w[None]).sum(-1)
 
 
-def _causal_mask(start: int, t: int, device: torch.device) -> Tensor:
-    """[T, start+T] bool: query i (position start+i) sees keys 0..start+i."""
-    s = start + t
-    return torch.arange(s, device=device)[None, :] <= (start + torch.arange(t, device=device))[:, None]
+@dataclass
+class _Group:
+    """Segments of one pool with the same query length T, attended to in one SDPA call."""
+
+    pool: KVPool
+    rows: slice  # their rows in the (permuted) pass
+    b: int  # segments
+    t: int  # query rows per segment
+    kv_len: int  # keys per segment, padded to the longest
+    write: Tensor  # [B*T] pool slots of the new rows
+    read: Tensor | int  # [B*kv_len] pool slots to gather, or the first slot of one contiguous session
+    mask: Tensor | None  # [B, 1, T, kv_len] bool (True: attend), None when every key counts
+
+
+@dataclass
+class _Plan:
+    positions: Tensor  # [N] position of each (permuted) row
+    perm: Tensor | None  # permuted row -> original row, None when the order is unchanged
+    groups: list[_Group]
+
+
+def _plan(segments: list[Segment], device: torch.device) -> _Plan:
+    """Once per pass (not per layer): reserve blocks, group segments, build slots and masks."""
+    by_key: dict[tuple[int, int], list[int]] = {}
+    starts: list[int] = []
+    off = 0
+    for i, s in enumerate(segments):
+        n = s.hidden.shape[0]
+        s.cache.reserve(s.start + n)
+        by_key.setdefault((id(s.cache.pool), n), []).append(i)
+        starts.append(off)
+        off += n
+    order: list[int] = []
+    groups: list[_Group] = []
+    positions: list[Tensor] = []
+    row = 0
+    for (_pool, t), members in by_key.items():
+        segs = [segments[i] for i in members]
+        ends = [s.start + t for s in segs]
+        kv_len = max(ends)
+        write = torch.cat([s.cache.slots(s.start, s.start + t) for s in segs])
+        read: Tensor | int | None = None
+        if len(segs) == 1:
+            read = segs[0].cache.contiguous_from(kv_len)
+        if read is None:
+            # positions past a segment's end read its own position 0: valid data, masked out
+            # (the pool is uninitialised memory, and 0 x NaN would leak through the mask)
+            read = torch.cat([s.cache.slots(0, e) if e == kv_len else
+                              torch.cat([s.cache.slots(0, e), s.cache.slots(0, 1).expand(kv_len - e)])
+                              for s, e in zip(segs, ends)]).to(device)
+        mask = None
+        if t > 1 or len(segs) > 1:
+            q_pos = torch.tensor([s.start for s in segs])[:, None] + torch.arange(t)[None, :]  # [B, T]
+            mask = (torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None])[:, None].to(device)
+        groups.append(_Group(segs[0].cache.pool, slice(row, row + len(segs) * t), len(segs), t, kv_len,
+                             write.to(device), read, mask))
+        for i, s in zip(members, segs):
+            order.extend(range(starts[i], starts[i] + t))
+            positions.append(torch.arange(s.start, s.start + t))
+        row += len(segs) * t
+    perm = None if order == list(range(row)) else torch.tensor(order, device=device)
+    return _Plan(torch.cat(positions).to(device), perm, groups)
 
 
 def load_deep_model(spec: ArchSpec, split: int, tensors: dict[str, Tensor],
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DeepModel:
-    """Build the model for layers [split, L) from HF-named tensors (split=0: the whole model)."""
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    prepack: bool = True) -> DeepModel:
+    """Build the model for layers [split, L) from HF-named tensors (split=0: the whole model).
+
+    prepack: on CPU in float32, use oneDNN prepacked linears (`DeepModel.prepack_linears`)."""
     with torch.device("meta"):
         model = DeepModel(spec, split)
     model = model.to_empty(device=device)
     model.load_shard({k: v.to(dtype) for k, v in tensors.items()})
     model = model.to(dtype=dtype).eval().requires_grad_(False)
     model.inv_freq = rope_inv_freq(spec).to(device)  # rope angles stay float32 under bf16
+    if prepack:
+        model.prepack_linears()
     return model
 
 

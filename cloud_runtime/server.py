@@ -252,6 +252,7 @@ async def open_runtime(config: CloudConfig, metrics: CloudMetrics) -> AsyncItera
     except BaseException:
         executor.shutdown(wait=False)
         raise
+    model.kv_pool.reserve_bytes(min(config.kv_budget_bytes, 1 << 30))  # grows by doubling past that
     store = SessionStore(model.new_cache, config.kv_budget_bytes, config.session_ttl_s, metrics)
     batcher = Batcher(model, metrics, window_s=config.batch_window_ms / 1000, max_tokens=config.max_batch_tokens,
                       max_queue=config.max_queue, executor=executor, schedule=config.schedule,

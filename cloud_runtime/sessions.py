@@ -1,7 +1,8 @@
 """The cloud's session context manager (CE-CoLLM's "cloud context manager").
 
-Each session owns one KV cache of the deep layers and the number of positions
-it holds. The store keeps all KV caches under one byte budget: when a step
+Each session owns one KV cache of the deep layers (a block table into the
+model's KV pool, cloud_runtime/kv_cache.py) and the number of positions it
+holds; a dropped session's blocks go back to the pool at once. The store keeps all KV caches under one byte budget: when a step
 needs more, the least recently used *idle* sessions are evicted; an idle
 session is also dropped after `ttl_s`. An evicted or unknown session answers
 `unknown_session`, and the edge — which keeps every h_K row it sent — replays.
@@ -21,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from cloud_runtime.deep_model import KVCache
+from cloud_runtime.kv_cache import KVCache
 from cloud_runtime.metrics import CloudMetrics
 from fogline.wire.errors import Overloaded, UnknownSession
 
@@ -125,6 +126,7 @@ class SessionStore:
         if s is None:
             return
         s.closed = True
+        s.cache.release()  # never busy here (evict/reap skip busy ones, close holds the lock)
         self.kv_bytes -= s.reserved
         s.reserved = 0
         self._gone.append((sid, why))

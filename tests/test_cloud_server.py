@@ -191,7 +191,7 @@ async def test_lru_eviction_and_replay(aiohttp_server, demo_bundle, manifest, di
     from edge_runtime.cloud_generation import CloudSession
     from fogline.wire import UnknownSession
 
-    per_session = direct.new_cache().nbytes()  # one 256-position chunk
+    per_session = direct.new_cache().bytes_for(5)  # the KV blocks of one 5-position session
     server = await start(aiohttp_server, demo_bundle, kv_budget_bytes=3 * per_session)
     h = [rows(5, 200 + i) for i in range(4)]
     async with link_for(server, manifest) as link:
@@ -375,3 +375,26 @@ def test_config_precedence_and_validation(tmp_path):
         load_config(toml, env={})
     with pytest.raises(ConfigError, match="no bundle"):
         load_config(None, env={})
+
+
+async def test_a_session_whose_peers_went_quiet_is_not_held_for_a_window(aiohttp_server, demo_bundle, manifest):
+    """Two sessions decode together (each learns a think time), then one stops: the other's
+    next steps run as soon as the quiet one is overdue, never after the (huge) batch window."""
+    import time
+
+    server = await start(aiohttp_server, demo_bundle, batch_window_ms=1000.0)
+    h = rows(16, 9)
+    async with link_for(server, manifest) as link:
+        await asyncio.gather(link.infer("p", 0, h[:4]), link.infer("q", 0, h[:4]))
+
+        async def steps(sid: str, a: int, b: int) -> None:
+            for i in range(a, b):
+                await link.infer(sid, i, h[i:i + 1])
+
+        await asyncio.gather(steps("p", 4, 8), steps("q", 4, 8))
+        lone = []
+        for i in range(8, 12):  # q has gone quiet
+            t0 = time.perf_counter()
+            await link.infer("p", i, h[i:i + 1])
+            lone.append(time.perf_counter() - t0)
+    assert max(lone) < 0.5, lone  # a window would be >= 1 s

@@ -1,21 +1,30 @@
-"""Benchmark the cloud runtime. One invocation, two parts, medians, a table with ratios.
+"""Benchmark the cloud runtime. One invocation, three parts, medians, tables with ratios.
 
 (a) Per-token decode latency of fogline's deep-layer runtime running the *whole*
     model (K=0: DeepModel over all L layers + the token embedding) against
     Hugging Face `generate` (greedy, its own KV cache) on the same float32
-    weights, same device, same torch thread count. Rows: fogline eager, and
-    fogline with `fast_gemv` (the server's `--fast-gemv`: single-row matmuls as
-    a compiled fused multiply-reduce).
+    weights, same device, same torch thread count. Rows: fogline as served (oneDNN
+    prepacked linears on CPU), fogline with dense linears, and (`--fast-gemv`) dense
+    with the compiled single-row matmul.
 
 (b) Aggregate deep-layer decode throughput through a real `fogline cloud serve`
     process (websocket, session store, batcher) for 1, 4, 16, 64 concurrent
     sessions, against the same work done one session at a time on the same
     server. Every session first uploads a prefill of h_K rows (untimed), then
     runs `--decode-steps` infer steps, each waiting for its token; tokens/s =
-    sessions x steps / wall time of the decode phase.
+    sessions x steps / wall time of the decode phase. `--baseline-repo DIR` serves
+    the same bundle from another checkout's code (e.g. main before a change) in the
+    same invocation, rounds interleaved, and prints the two side by side.
+
+(c) Where this CPU's bound is: FLOPs/s of a plain large matmul and of the model's
+    own matmul shapes, the memory bandwidth of a large streaming read, and what they
+    imply for deep-layer tokens/s (2 x weights FLOPs per token; a lone decode step
+    must stream every weight once).
 
     python tools/bench_cloud.py                        # demo model, export in out/k20q8
     python tools/bench_cloud.py --threads 2 --repeats 5
+    python tools/bench_cloud.py --bundle out/k20q8 --sessions 1,16,64 --repeats 1 --baseline-repo /work/main
+    python tools/bench_cloud.py --device cuda          # on a GPU box (tools/gpu_bench.sh)
 """
 
 from __future__ import annotations
@@ -60,12 +69,16 @@ def part_a(args: argparse.Namespace) -> list[str]:
     text = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     prompt = list(tok(text, add_special_tokens=False).input_ids)
     n = args.new_tokens
-    hf = build_reference_model(src)
-    eager = load_deep_model(src.spec, 0, src.state)
-    fast = load_deep_model(src.spec, 0, src.state)
-    t0 = time.perf_counter()
-    fast_ok = fast.enable_fast_gemv()
-    compile_s = time.perf_counter() - t0
+    dev = torch.device(args.device)
+    hf = build_reference_model(src).to(dev)
+    served = load_deep_model(src.spec, 0, src.state, device=dev)
+    dense = load_deep_model(src.spec, 0, src.state, device=dev, prepack=False)
+    fast, fast_ok, compile_s = None, False, 0.0
+    if args.fast_gemv:
+        fast = load_deep_model(src.spec, 0, src.state, device=dev, prepack=False)
+        t0 = time.perf_counter()
+        fast_ok = fast.enable_fast_gemv()
+        compile_s = time.perf_counter() - t0
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -86,27 +99,30 @@ def part_a(args: argparse.Namespace) -> list[str]:
     def run_hf() -> tuple[list[float], list[int]]:
         clock = Clock()
         with torch.inference_mode():
-            hf.generate(torch.tensor([prompt]), generation_config=gen_cfg, streamer=clock)
+            hf.generate(torch.tensor([prompt], device=dev), generation_config=gen_cfg, streamer=clock)
         return [b - a for a, b in zip(clock.t[1:], clock.t[2:])], clock.tokens
 
     def run_ours(model) -> tuple[list[float], list[int]]:
         cache = model.new_cache()
-        ids = torch.tensor(prompt)
+        ids = torch.tensor(prompt, device=dev)
         normed = model.forward_ragged([Segment(model.embed(ids), cache, 0)])
         token = int(model.logits(normed[-1:]).argmax())
         tokens, lat = [token], []
         for i in range(n - 1):
             t = time.perf_counter()
-            normed = model.forward_ragged([Segment(model.embed(torch.tensor([token])), cache, len(prompt) + i)])
-            token = int(model.logits(normed).argmax())
+            normed = model.forward_ragged([Segment(model.embed(torch.tensor([token], device=dev)), cache,
+                                                   len(prompt) + i)])
+            token = int(model.logits(normed).argmax())  # the .item() waits for a GPU too
             lat.append(time.perf_counter() - t)
             tokens.append(token)
+        cache.release()
         return lat, tokens
 
-    runs: dict[str, list[float]] = {"hf": [], "eager": [], "fast": []}
+    runs: dict[str, list[float]] = {"hf": [], "served": [], "dense": [], "fast": []}
     toks: dict[str, list[int]] = {}
     for _ in range(args.repeats):  # interleaved, so load changes hit every row alike
-        for name, fn in (("hf", run_hf), ("eager", lambda: run_ours(eager)), ("fast", lambda: run_ours(fast))):
+        for name, fn in (("hf", run_hf), ("served", lambda: run_ours(served)), ("dense", lambda: run_ours(dense)),
+                         ("fast", lambda: run_ours(fast))):
             if name == "fast" and not fast_ok:
                 continue
             lat, t = fn()
@@ -125,10 +141,12 @@ def part_a(args: argparse.Namespace) -> list[str]:
              f"  {'runtime':<38} {'median ms':>10} {'p90 ms':>8} {'speed-up vs HF':>15} {'same tokens as HF':>18}",
              f"  {'HF transformers generate (greedy)':<38} {hf_med * 1e3:>10.1f} {pctl(runs['hf'], 90) * 1e3:>8.1f} "
              f"{1.0:>14.2f}x {'-':>18}"]
-    for name, label in (("eager", "fogline DeepModel, eager"),
+    packed = "oneDNN prepacked" if not isinstance(served.lm_head, torch.nn.Linear) else "dense (no oneDNN here)"
+    for name, label in (("served", f"fogline DeepModel, {packed}"), ("dense", "fogline DeepModel, dense F.linear"),
                         ("fast", f"fogline DeepModel, fast_gemv (compile {compile_s:.0f} s)")):
         if not runs[name]:
-            lines.append(f"  {label:<38} unavailable (torch.compile failed)")
+            if name == "fast" and args.fast_gemv:
+                lines.append(f"  {label:<38} unavailable (torch.compile failed)")
             continue
         med = statistics.median(runs[name])
         lines.append(f"  {label:<38} {med * 1e3:>10.1f} {pctl(runs[name], 90) * 1e3:>8.1f} {hf_med / med:>14.2f}x "
@@ -151,14 +169,16 @@ def ensure_bundle(path: Path) -> Path:
     return path
 
 
-def start_server(bundle: Path, threads: int, fast_gemv: bool, device: str) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"), "--port", "0",
-           "--threads", str(threads), "--device", device, "--log-level", "WARNING",
+def start_server(bundle: Path, threads: int, fast_gemv: bool, device: str,
+                 repo: Path = REPO) -> tuple[subprocess.Popen, int]:
+    """`fogline cloud serve` from `repo`'s code (its checkout first on sys.path, and the cwd)."""
+    cmd = [sys.executable, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle.resolve() / "cloud"),
+           "--port", "0", "--threads", str(threads), "--device", device, "--log-level", "WARNING",
            "--kv-budget-bytes", str(8 << 30)]
     if fast_gemv:
         cmd.append("--fast-gemv")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, env=env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     while True:
         line = proc.stdout.readline()
@@ -179,27 +199,37 @@ async def _batch_stats(port: int) -> tuple[float, float]:
     return total, count
 
 
-async def _bench_server(port: int, manifest, args: argparse.Namespace) -> list[tuple[int, float, float, float]]:
+Row = tuple[int, float, float, float]  # sessions, concurrent tok/s, one-at-a-time tok/s, sessions per pass
+
+
+async def _bench_servers(ports: dict[str, int], manifest, args: argparse.Namespace) -> dict[str, list[Row]]:
+    """The same rounds on every server, interleaved per repeat (load changes hit all alike)."""
     from edge_runtime.cloud_client import CloudLink
 
     d, p, t = manifest.hidden_size, args.prefill, args.decode_steps
     rng = np.random.default_rng(0)
     prefill = rng.standard_normal((p, d)).astype(np.float32)
     steps = rng.standard_normal((t, d)).astype(np.float32)
-    results = []
-    async with CloudLink(f"ws://127.0.0.1:{port}/ws", fingerprint=manifest.fingerprint, split=manifest.split) as link:
-        await link.infer("warmup", 0, prefill)
-        await link.close_session("warmup")
-        run = 0
+    links = {name: CloudLink(f"ws://127.0.0.1:{port}/ws", fingerprint=manifest.fingerprint, split=manifest.split)
+             for name, port in ports.items()}
+    results: dict[str, list[Row]] = {name: [] for name in ports}
+    run = 0
+    try:
+        for name, link in links.items():
+            await link.connect()
+            await link.infer("warmup", 0, prefill)
+            await link.close_session("warmup")
 
-        async def decode(sid: str) -> None:
-            for i in range(t):
-                await link.infer(sid, p + i, steps[i:i + 1])
-
-        async def one_round(n: int, concurrent: bool) -> tuple[float, float]:
+        async def one_round(name: str, n: int, concurrent: bool) -> tuple[float, float]:
             nonlocal run
             run += 1
+            link, port = links[name], ports[name]
             sids = [f"b{run}-{i}" for i in range(n)]
+
+            async def decode(sid: str) -> None:
+                for i in range(t):
+                    await link.infer(sid, p + i, steps[i:i + 1])
+
             await asyncio.gather(*(link.infer(s, 0, prefill) for s in sids))  # untimed
             s0, c0 = await _batch_stats(port)
             t0 = time.perf_counter()
@@ -214,14 +244,22 @@ async def _bench_server(port: int, manifest, args: argparse.Namespace) -> list[t
             return n * t / wall, (s1 - s0) / max(c1 - c0, 1)
 
         for n in args.sessions:
-            conc, seq, per_pass = [], [], []
+            conc: dict[str, list[float]] = {k: [] for k in ports}
+            seq: dict[str, list[float]] = {k: [] for k in ports}
+            per_pass: dict[str, list[float]] = {k: [] for k in ports}
             for _ in range(args.repeats):
-                tps, sp = await one_round(n, True)
-                conc.append(tps)
-                per_pass.append(sp)
-                seq.append((await one_round(n, False))[0])
-            results.append((n, statistics.median(conc), statistics.median(seq), statistics.median(per_pass)))
+                for name in ports:
+                    tps, sp = await one_round(name, n, True)
+                    conc[name].append(tps)
+                    per_pass[name].append(sp)
+                    seq[name].append((await one_round(name, n, False))[0])
+            for name in ports:
+                results[name].append((n, statistics.median(conc[name]), statistics.median(seq[name]),
+                                      statistics.median(per_pass[name])))
             print(f"  ... {n} sessions done", file=sys.stderr)
+    finally:
+        for link in links.values():
+            await link.close()
     return results
 
 
@@ -232,20 +270,98 @@ def part_b(args: argparse.Namespace) -> list[str]:
     manifest = load_manifest(bundle / "cloud", role="cloud")
     lines = []
     for fast in args.b_fast_gemv:
-        proc, port = start_server(bundle, args.threads, fast, args.device)
+        servers = {"this": REPO}
+        if args.baseline_repo:
+            servers["baseline"] = Path(args.baseline_repo).resolve()
+        procs, ports = [], {}
         try:
-            rows = asyncio.run(_bench_server(port, manifest, args))
+            for name, repo in servers.items():
+                proc, ports[name] = start_server(bundle, args.threads, fast, args.device, repo)
+                procs.append(proc)
+            rows = asyncio.run(_bench_servers(ports, manifest, args))
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=60)
         lines.append(f"(b) deep layers [{manifest.split}, {manifest.n_layers}) through `fogline cloud serve` "
                      f"({'fast_gemv' if fast else 'eager'}, {args.threads or 'default'} torch thread(s), "
                      f"{args.device}); {args.prefill}-row prefill (untimed), then {args.decode_steps} decode steps "
-                     f"per session; median of {args.repeats}")
-        lines.append(f"  {'sessions':>8} {'concurrent tok/s':>17} {'one-at-a-time tok/s':>20} {'ratio':>7} "
-                     f"{'sessions/pass':>14}")
-        for n, conc, seq, per_pass in rows:
-            lines.append(f"  {n:>8} {conc:>17.1f} {seq:>20.1f} {conc / seq:>6.2f}x {per_pass:>14.1f}")
+                     f"per session; median of {args.repeats}" + (", rounds interleaved" if len(servers) > 1 else ""))
+        lines.append(f"  {'code':<10} {'sessions':>8} {'concurrent tok/s':>17} {'one-at-a-time tok/s':>20} "
+                     f"{'ratio':>7} {'sessions/pass':>14} {'step ms (1 session)':>20}")
+        for name, repo in servers.items():
+            for n, conc, seq, per_pass in rows[name]:
+                lines.append(f"  {name:<10} {n:>8} {conc:>17.1f} {seq:>20.1f} {conc / seq:>6.2f}x {per_pass:>14.1f} "
+                             f"{1e3 / seq:>20.1f}")
+        if "baseline" in servers:
+            lines.append(f"  baseline = {servers['baseline']}; this / baseline:")
+            for (n, c1, s1, _), (_, c0, s0, _) in zip(rows["this"], rows["baseline"]):
+                lines.append(f"  {'':<10} {n:>8} {c1 / c0:>16.2f}x {s1 / s0:>19.2f}x   one-session step time "
+                             f"{s0 / s1:.2f}x of baseline's")
+    return lines
+
+
+# --- (c) where the bound is ---------------------------------------------------------------
+
+
+def part_c(args: argparse.Namespace) -> list[str]:
+    import torch
+    import torch.nn.functional as F
+
+    from cloud_runtime.deep_model import PackedLinear
+    from fogline.manifest import load_manifest
+
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def timed(fn, reps: int) -> float:
+        fn()
+        sync()
+        xs = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            xs.append(time.perf_counter() - t0)
+        return min(xs)  # a bound: the best this machine did (others' load only slows it down)
+
+    n = 2048
+    a = torch.randn(n, n, device=dev)
+    gflops = 2 * n ** 3 / timed(lambda: a @ a, 5) / 1e9
+    big = torch.randn(64 << 20, device=dev)  # 256 MiB
+    gbps = big.numel() * 4 / timed(lambda: big.sum(), 5) / 1e9
+    manifest = load_manifest(ensure_bundle(Path(args.bundle)) / "cloud", role="cloud")
+    import json
+
+    cfg = json.loads((Path(args.bundle) / "cloud" / "config.json").read_text())
+    d, inter, vocab = manifest.hidden_size, cfg["intermediate_size"], manifest.vocab_size
+    nh = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // nh
+    nkv = cfg.get("num_key_value_heads", nh)
+    shapes = [((nh + 2 * nkv) * hd, d), (d, nh * hd), (2 * inter, d), (d, inter)]
+    per_layer = sum(o * i for o, i in shapes)
+    n_deep = manifest.n_layers - manifest.split
+    weights = n_deep * per_layer + vocab * d
+    flop_tok = 2 * weights
+    lines = [f"(c) this machine's bounds ({args.device}, {torch.get_num_threads()} thread(s)): plain {n}^3 fp32 matmul "
+             f"{gflops:.0f} GFLOP/s; streaming read of 256 MiB {gbps:.0f} GB/s",
+             f"  deep layers [{manifest.split}, {manifest.n_layers}) + LM head: {weights / 1e6:.1f} M weights, "
+             f"{flop_tok / 1e6:.0f} MFLOP per token -> compute bound {gflops * 1e9 / flop_tok:.0f} tok/s; "
+             f"a lone step streams {weights * 4 / 1e6:.0f} MB of fp32 weights -> >= "
+             f"{weights * 4 / (gbps * 1e9) * 1e3:.1f} ms per step if none stays in cache",
+             f"  {'matmul [rows, in] x [in, out]':<34} {'rows':>5} {'F.linear GF/s':>14} {'oneDNN GF/s':>12}"]
+    use_packed = dev.type == "cpu" and torch.backends.mkldnn.is_available()
+    for o, i in shapes + [(vocab, d)]:
+        lin = torch.nn.Linear(i, o, bias=False).to(dev).requires_grad_(False)
+        packed = PackedLinear(lin) if use_packed else None
+        for rows in (1, 16, 64):
+            x = torch.randn(rows, i, device=dev)
+            with torch.inference_mode():
+                t_dense = timed(lambda: F.linear(x, lin.weight), 10)
+                t_packed = timed(lambda: packed(x), 10) if packed is not None else float("nan")
+            fl = 2 * rows * o * i / 1e9
+            lines.append(f"  {f'[{rows}, {i}] x [{i}, {o}]':<34} {rows:>5} {fl / t_dense:>14.1f} "
+                         f"{fl / t_packed:>12.1f}")
     return lines
 
 
@@ -262,9 +378,13 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--b-fast-gemv", type=lambda s: [x == "fast_gemv" for x in s.split(",")],
-                    default=[False, True], help="server configs for (b): eager,fast_gemv")
+                    default=[False], help="server configs for (b), comma-separated: eager,fast_gemv")
+    ap.add_argument("--fast-gemv", action="store_true", help="(a): also time the compiled single-row matmul")
+    ap.add_argument("--baseline-repo", default="",
+                    help="(b): also serve from this checkout's code (e.g. /work/main), interleaved, side by side")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--skip-c", action="store_true")
     args = ap.parse_args()
     import torch
 
@@ -274,7 +394,9 @@ def main() -> int:
     if not args.skip_a:
         out += part_a(args) + [""]
     if not args.skip_b:
-        out += part_b(args)
+        out += part_b(args) + [""]
+    if not args.skip_c:
+        out += part_c(args)
     print("\n" + "\n".join(out))
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)")
