@@ -93,6 +93,7 @@ from edge_runtime.cloud_client import CloudLink
 from edge_runtime.cloud_generation import CloudSession, ReplayImpossible
 from edge_runtime.engine import Draft, Engine, ExitStep, GenerationRequest
 from edge_runtime.sampling import SamplingParams, TokenChoice
+from fogline.constraint import pack_mask
 from fogline.wire.errors import FoglineError
 from fogline.wire.protocol import Sampling
 
@@ -223,6 +224,7 @@ class _Req:
     t_draft: float = 0.0  # EMA seconds per edge step
     q: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # spec sampling: position -> q
     seeded: bool = False  # spec: sampled with a seed -> fixed γ, no pipelining (reproducible)
+    masks: dict[int, bytes] = field(default_factory=dict)  # structured output, spec: position -> packed mask
 
 
 class _CloudSource:
@@ -295,14 +297,15 @@ class _CloudSource:
         """Ask the cloud for position step.position's token; deliver it (or fall back)."""
         rid, stats, params = step.request.request_id, step.stats, step.request.params
         sampling = wire_sampling(params)
-        up = rows.shape[0] * rows.shape[1] * 2
+        mask = pack_mask(step.mask) if step.mask is not None else None  # structured output
+        up = rows.shape[0] * rows.shape[1] * 2 + (len(mask) if mask else 0)
 
         async def run() -> None:
             async with st.lock:
                 if st.failed:
                     return
                 try:
-                    res = await self.bridge.call(st.cs.infer(rows, sampling, top_n=1))
+                    res = await self.bridge.call(st.cs.infer(rows, sampling, top_n=1, mask=mask))
                 except Exception as e:
                     self._fail(rid, st, _why(e))
                     return
@@ -381,6 +384,8 @@ class SpecSource(_CloudSource):
                 self.engine.fall_back(step.request.request_id, why)
                 return None
             return choice
+        if step.mask is not None:  # structured output: the mask this position is drafted / judged under
+            st.masks[step.position] = pack_mask(step.mask)
         now = time.monotonic()
         if st.t_last and step.held:
             st.t_draft = (now - st.t_last) if not st.t_draft else 0.8 * st.t_draft + 0.2 * (now - st.t_last)
@@ -431,7 +436,10 @@ class SpecSource(_CloudSource):
         probs = None
         if not sampling.greedy:
             probs = tuple(st.q.pop(p, ()) for p in range(start, P))
-        up = rows.shape[0] * rows.shape[1] * 2 + 8 * len(draft) + 64
+        masks = None
+        if st.masks:  # structured output: one mask per judged position, start..P
+            masks = tuple(st.masks.pop(p, b"") for p in range(start, P + 1))  # b"": refused by the cloud
+        up = rows.shape[0] * rows.shape[1] * 2 + 8 * len(draft) + 64 + sum(map(len, masks or ()))
         gamma_max = max(2 * self.bridge.spec_gamma,
                         math.ceil((self.bridge.rtt_s or 0.0) / st.t_draft) if st.t_draft > 0 else 0)
         gamma_max = min(gamma_max, 32) if step.request.gamma is None else step.request.gamma  # auto's spec@γ: a cap
@@ -443,7 +451,7 @@ class SpecSource(_CloudSource):
                 if catch is not None:
                     st.cs.record(catch)
                 try:
-                    res = await self.bridge.call(st.cs.verify(rows, draft, sampling, probs))
+                    res = await self.bridge.call(st.cs.verify(rows, draft, sampling, probs, masks))
                 except Exception as e:
                     self._fail(rid, st, _why(e))
                     return
