@@ -77,13 +77,14 @@ def grammar_of(schema: dict[str, Any]) -> str:
 class Grammar:
     """A compiled grammar over one tokenizer; makes one fresh `Constraint` per request."""
 
-    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int) -> None:
+    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int, eos: Sequence[int] = ()) -> None:
         import llguidance
 
         err = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if err and not err.startswith("WARNING"):
             raise ConstraintError(f"unsupported JSON schema: {err.strip().splitlines()[0][:300]}")
         self.tokenizer, self.grammar, self.n_vocab = tokenizer, grammar, n_vocab
+        self.eos = frozenset(int(t) for t in eos)
 
     def start(self) -> "Constraint":
         return Constraint(self)
@@ -96,11 +97,14 @@ class Constraint:
     def __init__(self, grammar: Grammar) -> None:
         import llguidance
 
-        self.n_vocab = grammar.n_vocab
+        self.n_vocab, self._eos = grammar.n_vocab, grammar.eos
         self._m = llguidance.LLMatcher(grammar.tokenizer, grammar.grammar, log_level=0)
         if self._m.is_error():
             raise ConstraintError(f"unsupported JSON schema: {self._m.get_error()[:300]}")
         self.consumed: list[int] = []
+        # llguidance keeps no history entry for an EOS that ends the grammar (it only stops), so an
+        # EOS is never fed to it (it is allowed exactly when the grammar accepts): a spec draft of
+        # EOS can then be rolled back like any other token
 
     @property
     def error(self) -> str | None:
@@ -113,11 +117,15 @@ class Constraint:
         while k < n and c[k] == completion[k]:
             k += 1
         if k < len(c):
-            self._m.rollback(len(c) - k)
+            undo = sum(1 for t in c[k:] if t not in self._eos)
+            if undo:
+                self._m.rollback(undo)
             del c[k:]
         for t in completion[k:]:
-            self._m.consume_token(int(t))
-            c.append(int(t))
+            t = int(t)
+            if t not in self._eos:
+                self._m.consume_token(t)
+            c.append(t)
 
     def bitmask(self) -> bytes:
         """The next position's allowed tokens, one bit per token (see the module doc)."""
@@ -172,9 +180,12 @@ def tokenizer_from_llama(model: Any) -> Any:
         if tok is None:
             from llguidance.llamacpp import lltokenizer_from_vocab
 
-            eog = [t for t in range(model.n_vocab) if model.is_eog(t)]
-            tok = _tokenizers[id(model)] = lltokenizer_from_vocab(model.vocab, eos_token=eog)
+            tok = _tokenizers[id(model)] = lltokenizer_from_vocab(model.vocab, eos_token=eog_of(model))
         return tok
+
+
+def eog_of(model: Any) -> list[int]:
+    return [t for t in range(model.n_vocab) if model.is_eog(t)]
 
 
 class Grammars:
@@ -190,7 +201,7 @@ class Grammars:
         with self._lock:
             g = self._cache.get(key)
         if g is None:
-            g = Grammar(tokenizer_from_llama(self.model), grammar_of(schema), self.model.n_vocab)
+            g = Grammar(tokenizer_from_llama(self.model), grammar_of(schema), self.model.n_vocab, eog_of(self.model))
             with self._lock:
                 if len(self._cache) >= self.capacity:
                     self._cache.pop(next(iter(self._cache)))
