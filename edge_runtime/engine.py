@@ -507,7 +507,6 @@ class Engine:
         assert c is not None
         c.sync(seq.tokens[len(seq.req.prompt):step.position])
         if c.error is not None:
-            log.error("DBG constraint failed: completion=%s held=%d pos=%d", seq.tokens[len(seq.req.prompt):step.position], len(seq.held), step.position)
             self._finish(seq, "error", error=f"structured output: {c.error[:300]}")
             return False
         step.mask = c.bitmask()

@@ -172,6 +172,9 @@ def _common(body: Any, kind: Kind, n_vocab: int, default_mode: str) -> tuple[dic
         logit_bias=_logit_bias(body, n_vocab),
         logprobs=logprobs, top_logprobs=top, max_tokens=max_tokens, stop=_stop(body),
         ignore_eos=_get_bool(body, "ignore_eos"))
+    if response_schema is not None and params.ignore_eos:
+        raise invalid("'ignore_eos' cannot be combined with 'response_format': a finished JSON value "
+                      "allows only the end-of-generation token", "ignore_eos")
     tau: float | None = _get_number(body, "fogline_tau", -1.0, 0.0, 1.0)
     tau = None if tau is None or tau < 0 else tau
     slo: float | None = _get_number(body, "fogline_slo_ms", -1.0, 0.001, 3_600_000.0)
