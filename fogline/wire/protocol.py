@@ -24,6 +24,10 @@ its own choice, returns it as `accepted`, plus its own token for the first
 position it did not accept (or the bonus token after the last draft), and keeps
 only positions [start, start+accepted+1) in its cache (`length`).
 
+Structured output: `infer` may carry `mask` and `verify` `masks` (one per row): the edge's
+token masks (fogline/constraint.py) of the positions the cloud decides; with them the cloud
+chooses, and judges each drafted prefix, among those tokens only.
+
 `decode_frame` turns *any* byte string into either a message or a typed
 ProtocolError; it never asserts and never lets a library exception escape.
 """
