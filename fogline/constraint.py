@@ -63,7 +63,11 @@ def schema_of(response_format: Any) -> dict[str, Any] | None:
 
 def grammar_of(schema: dict[str, Any]) -> str:
     """A JSON schema -> llguidance grammar text (not yet checked against a tokenizer)."""
-    import llguidance
+    try:
+        import llguidance
+    except ImportError:
+        raise ConstraintError("structured output needs llguidance on this edge "
+                              "(pip install 'fogline[edge]')") from None
 
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_CHARS:
