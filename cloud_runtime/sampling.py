@@ -7,12 +7,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fogline.wire.protocol import Sampling
 
 _MASK64 = (1 << 63) - 1
+
+
+def allowed_tokens(bitmasks: list[bytes], vocab: int) -> Tensor:
+    """Structured output: the edge's bitmasks (one bit per token, fogline/constraint.py) -> bool [n, vocab]."""
+    bits = np.unpackbits(np.frombuffer(b"".join(bitmasks), np.uint8).reshape(len(bitmasks), -1), axis=1,
+                         bitorder="little")[:, :vocab]
+    return torch.from_numpy(bits.astype(bool))
+
+
+def masked(logits: Tensor, allowed: Tensor | None) -> Tensor:
+    """[n, V] logits with the tokens a grammar forbids at -inf (before any choice or judgement),
+    so the cloud picks, and judges each drafted prefix, among the same tokens the edge could."""
+    if allowed is None:
+        return logits
+    return logits.float().masked_fill(~allowed[:, :logits.shape[-1]], float("-inf"))
 
 
 def _generator(sampling: Sampling, position: int) -> torch.Generator | None:

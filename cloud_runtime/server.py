@@ -37,11 +37,12 @@ from cloud_runtime.config import CloudConfig
 from cloud_runtime.connection import Connections, Frame
 from cloud_runtime.deep_model import DeepModel, load_deep_model
 from cloud_runtime.metrics import CloudMetrics
-from cloud_runtime.sampling import judge, pick, top_probs
+from cloud_runtime.sampling import allowed_tokens, judge, masked, pick, top_probs
 from cloud_runtime.sessions import SessionStore
 from fogline import __version__, sd_notify
 from fogline.aio import cancel_and_wait
 from fogline.arch import ArchSpec
+from fogline.constraint import unpack_mask
 from fogline.errors import BundleError, ConfigError
 from fogline.manifest import Manifest, load_manifest, verify_files
 from fogline.wire.codecs import decode_hidden
@@ -158,6 +159,7 @@ class CloudRuntime:
             raise TooLarge(f"{h.rows} rows in one frame; the limit is {c.max_rows_per_frame}")
         if msg.start + h.rows > self.max_context:
             raise TooLarge(f"positions up to {msg.start + h.rows} exceed the context of {self.max_context}")
+        allowed = self._allowed(msg)
         x = decode_hidden(h)
         s = self.store.get(msg.session)
         if s is None:
@@ -175,10 +177,12 @@ class CloudRuntime:
             elif isinstance(msg, Infer):
                 sampling, top_n = msg.sampling, msg.top_n
                 step = Step(s, msg.start, x, "last",
-                            lambda lg: (pick(lg[0], sampling, pos_next), top_probs(lg[0], top_n)))
+                            lambda lg: (pick(masked(lg, allowed)[0], sampling, pos_next),
+                                        top_probs(masked(lg, allowed)[0], top_n)))
             else:
                 draft, sampling, probs, start = msg.draft, msg.sampling, msg.draft_probs, msg.start
-                step = Step(s, msg.start, x, "all", lambda lg: judge(lg, draft, sampling, start, probs))
+                step = Step(s, msg.start, x, "all",
+                            lambda lg: judge(masked(lg, allowed), draft, sampling, start, probs))
             result = await self.batcher.submit(step)
             self.store.sync(s)
             end = msg.start + h.rows
@@ -195,6 +199,21 @@ class CloudRuntime:
             s.cache.truncate(msg.start + result.accepted + 1)
             return Verdict(id=msg.id, session=msg.session, accepted=result.accepted, token=result.token,
                            length=s.length)
+
+    def _allowed(self, msg: Append | Infer | Verify) -> torch.Tensor | None:
+        """Structured output: the token masks the edge sent (Infer.mask, Verify.masks) as bool [n, V]."""
+        packed = [msg.mask] if isinstance(msg, Infer) and msg.mask is not None else (
+            list(msg.masks) if isinstance(msg, Verify) and msg.masks is not None else None)
+        if packed is None:
+            return None
+        vocab = self.manifest.vocab_size
+        try:
+            bits = [unpack_mask(m, vocab) for m in packed]
+        except ValueError as e:
+            raise BadFrame(f"{msg.KIND}: {e} (vocab {vocab})") from None
+        if len({len(b) for b in bits}) > 1:
+            raise BadFrame(f"{msg.KIND}: token masks of different sizes")
+        return allowed_tokens(bits, vocab)
 
     async def wait_idle(self, timeout: float) -> bool:
         if self.inflight == 0:

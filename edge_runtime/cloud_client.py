@@ -343,7 +343,7 @@ class CloudLink:
         return end
 
     async def infer(self, session: str, start: int, hidden: np.ndarray, sampling: Sampling = GREEDY,
-                    top_n: int = 0) -> InferResult:
+                    top_n: int = 0, mask: bytes | None = None) -> InferResult:
         """Send h_K of positions [start, start+n) (n >= 1) and get the token for position start+n."""
         if len(hidden) == 0:
             raise ValueError("infer needs at least one h_K row")
@@ -354,20 +354,21 @@ class CloudLink:
                                                                     h=self._encode(rows)))
         lo, rows = chunks[-1]
         reply = await self._request(lambda i: Infer(id=i, session=session, start=start + lo, h=self._encode(rows),
-                                                     sampling=sampling, top_n=top_n))
+                                                     sampling=sampling, top_n=top_n, mask=mask))
         if not isinstance(reply, TokenReply):
             raise BadFrame(f"cloud answered infer with {type(reply).__name__}")
         return InferResult(reply.token, reply.length, reply.top)
 
     async def verify(self, session: str, start: int, hidden: np.ndarray, draft: list[int] | tuple[int, ...],
                      sampling: Sampling = GREEDY,
-                     draft_probs: tuple[tuple[tuple[int, float], ...], ...] | None = None) -> VerifyResult:
+                     draft_probs: tuple[tuple[tuple[int, float], ...], ...] | None = None,
+                     masks: tuple[bytes, ...] | None = None) -> VerifyResult:
         """rows = h_K of positions [start, start+n); draft[i] proposes position start+i+1 (n-1 drafts)."""
         if len(draft) != len(hidden) - 1:
             raise ValueError(f"{len(draft)} drafts for {len(hidden)} rows; need rows - 1")
         reply = await self._request(lambda i: Verify(id=i, session=session, start=start, h=self._encode(hidden),
                                                      draft=tuple(int(t) for t in draft), sampling=sampling,
-                                                     draft_probs=draft_probs))
+                                                     draft_probs=draft_probs, masks=masks))
         if not isinstance(reply, Verdict):
             raise BadFrame(f"cloud answered verify with {type(reply).__name__}")
         return VerifyResult(reply.accepted, reply.token, reply.length)

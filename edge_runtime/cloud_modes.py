@@ -116,6 +116,7 @@ from edge_runtime.cloud_generation import CloudSession, ReplayImpossible
 from edge_runtime.engine import Draft, Engine, ExitStep, FoglineStats, GenerationRequest
 from edge_runtime.ratelog import RateLimitedLog
 from edge_runtime.sampling import SamplingParams, TokenChoice
+from fogline.constraint import pack_mask
 from fogline.wire.errors import FoglineError, ProtocolError
 from fogline.wire.protocol import Sampling
 
@@ -297,6 +298,7 @@ class _Req:
     t_draft: float = 0.0  # EMA seconds per edge step
     q: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # spec sampling: position -> q
     seeded: bool = False  # spec: sampled with a seed -> fixed γ, no pipelining (reproducible)
+    masks: dict[int, bytes] = field(default_factory=dict)  # structured output, spec: position -> packed mask
 
 
 class _CloudSource:
@@ -490,9 +492,10 @@ class _CloudSource:
         """Ask the cloud for position step.position's token; deliver it (or fall back)."""
         rid, params = step.request.request_id, step.request.params
         sampling = wire_sampling(params)
+        mask = pack_mask(step.mask) if step.mask is not None else None  # structured output
 
         async def run() -> None:
-            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1))
+            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1, mask=mask))
             if res is None or st.failed:
                 return
             p = next((pr for t, pr in res.top if t == res.token), None)
@@ -560,6 +563,8 @@ class SpecSource(_CloudSource):
                 self.engine.fall_back(step.request.request_id, why, rejoin=st.rejoinable)
                 return None
             return choice
+        if step.mask is not None:  # structured output: the mask this position is drafted / judged under
+            st.masks[step.position] = pack_mask(step.mask)
         now = time.monotonic()
         if st.t_last and step.held:
             st.t_draft = (now - st.t_last) if not st.t_draft else 0.8 * st.t_draft + 0.2 * (now - st.t_last)
@@ -610,6 +615,9 @@ class SpecSource(_CloudSource):
         probs = None
         if not sampling.greedy:
             probs = tuple(st.q.pop(p, ()) for p in range(start, P))
+        masks = None
+        if st.masks:  # structured output: one mask per judged position, start..P
+            masks = tuple(st.masks.pop(p, b"") for p in range(start, P + 1))  # b"": refused by the cloud
         gamma_max = max(2 * self.bridge.spec_gamma,
                         math.ceil((self.bridge.rtt_s or 0.0) / st.t_draft) if st.t_draft > 0 else 0)
         gamma_max = min(gamma_max, 32) if step.request.gamma is None else step.request.gamma  # auto's spec@γ: a cap
@@ -617,7 +625,7 @@ class SpecSource(_CloudSource):
         async def exchange() -> Any:
             if catch is not None:
                 st.cs.record(catch)
-            return await st.cs.verify(rows, draft, sampling, probs)
+            return await st.cs.verify(rows, draft, sampling, probs, masks)
 
         async def run() -> None:
             res = await self._exchange(st, exchange)

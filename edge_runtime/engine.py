@@ -35,6 +35,7 @@ import numpy as np
 from edge_runtime.errors import ApiError, ErrorKind
 from edge_runtime.llama_backend import BatchRow, DecodeError, LlamaContext, LlamaModel
 from edge_runtime.sampling import Sampler, SamplingParams, StopMatcher, TokenChoice, Utf8Stream
+from fogline.constraint import Constraint, apply_mask
 
 log = logging.getLogger("fogline.edge.engine")
 
@@ -55,6 +56,7 @@ class GenerationRequest:
     capture_hidden: bool = False  # keep h_K of every position (needs an engine with a tap)
     tau: float | None = None  # collab threshold asked by the request (None: the source's default)
     gamma: int | None = None  # spec draft length for this request (auto's spec@γ; None: the source's default)
+    constraint: Constraint | None = None  # structured output: this request's grammar matcher (fogline/constraint.py)
 
 
 @dataclass
@@ -147,6 +149,7 @@ class ExitStep:
     hidden: HiddenBuffer | None  # h_K for positions [0, position) when captured
     stats: FoglineStats  # a source that talks to a cloud adds its round trips / bytes here
     held: int = 0  # speculative drafts held (not emitted) at positions [position - held, position)
+    mask: bytes | None = None  # structured output: the bitmask already applied to `logits` (the cloud applies it too)
 
 
 @dataclass(frozen=True)
@@ -508,7 +511,23 @@ class Engine:
         for i, seq in enumerate(sched.outputs):
             step = ExitStep(request=seq.req, position=seq.n_past, logits=logits[i], sampler=seq.sampler,
                             tokens=seq.tokens, hidden=seq.hidden, stats=seq.stats)
+            if seq.req.constraint is not None and not self._constrain(seq, step):
+                continue
             self._decide(seq, step)
+
+    def _constrain(self, seq: _Sequence, step: ExitStep) -> bool:
+        """Structured output: bring the request's matcher to its tokens so far (drafts included,
+        rolled-back ones undone) and mask the exit logits before any sampling or confidence test.
+        False: the matcher failed (the request finished with an error)."""
+        c = seq.req.constraint
+        assert c is not None
+        c.sync(seq.tokens[len(seq.req.prompt):step.position])
+        if c.error is not None:
+            self._finish(seq, "error", error=f"structured output: {c.error[:300]}")
+            return False
+        step.mask = c.bitmask()
+        apply_mask(step.logits, c.allowed(step.mask))
+        return True
 
     def _decide(self, seq: _Sequence, step: ExitStep) -> None:
         step.held = len(seq.held)

@@ -108,8 +108,15 @@ def _common(body: Any, default_mode: str) -> tuple[str, bool, dict[str, Any]]:
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required and must be a string", "model")
     stream = _get_bool(body, "stream", True)
-    if body.get("format") not in (None, ""):
-        raise invalid("'format' (structured output) is not supported yet", "format")
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        schema = None
+    elif fmt == "json":
+        schema = {"type": "object"}  # Ollama's JSON mode: a JSON object
+    elif isinstance(fmt, dict):
+        schema = fmt  # a JSON schema
+    else:
+        raise invalid("'format' must be \"json\" or a JSON schema object", "format")
     if body.get("think") not in (None, False):
         raise invalid(f"{model!r} does not support thinking", "think")
     if body.get("tools"):
@@ -124,7 +131,8 @@ def _common(body: Any, default_mode: str) -> tuple[str, bool, dict[str, Any]]:
     tau = _get_number(ext, "fogline_tau", -1.0, 0.0, 1.0)
     slo = _get_number(ext, "fogline_slo_ms", -1.0, 0.001, 3_600_000.0)
     return model, stream, dict(model=model, params=_sampling(opts), stream=stream, mode=mode,
-                               tau=None if tau < 0 else tau, slo_ms=None if slo < 0 else slo)
+                               tau=None if tau < 0 else tau, slo_ms=None if slo < 0 else slo,
+                               response_schema=schema)
 
 
 def _text_only(m: Any, where: str) -> None:

@@ -19,6 +19,7 @@ from edge_runtime.config import MODES
 from edge_runtime.engine import FoglineStats, StreamEvent
 from edge_runtime.errors import ApiError, ErrorKind, invalid
 from edge_runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenChoice
+from fogline.constraint import ConstraintError, schema_of
 
 Kind = Literal["chat", "completion"]
 MAX_STOP = 4
@@ -41,6 +42,8 @@ class ApiRequest:
     prompt_text: str | None = None  # completions, text prompt
     prompt_tokens: list[int] | None = None  # completions, token prompt
     echo: bool = False  # completions: prepend the prompt to the text
+    # structured output: the JSON schema the completion must follow (response_format; None: text)
+    response_schema: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- field readers
@@ -131,8 +134,10 @@ def _common(body: Any, kind: Kind, n_vocab: int, default_mode: str) -> tuple[dic
     _refuse(body, "best_of", lambda v: v == 1, "only best_of=1")
     _refuse(body, "tools", lambda v: v == [], "this edge model has no tool calling")
     _refuse(body, "functions", lambda v: v == [], "this edge model has no function calling")
-    _refuse(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-            "only {\"type\": \"text\"}")
+    try:
+        response_schema = schema_of(body.get("response_format"))
+    except ConstraintError as e:
+        raise invalid(str(e), "response_format") from None
     _refuse(body, "suffix", lambda v: v == "", "no insertion mode")
     mode = body.get("mode", default_mode)
     if mode not in MODES:
@@ -167,12 +172,15 @@ def _common(body: Any, kind: Kind, n_vocab: int, default_mode: str) -> tuple[dic
         logit_bias=_logit_bias(body, n_vocab),
         logprobs=logprobs, top_logprobs=top, max_tokens=max_tokens, stop=_stop(body),
         ignore_eos=_get_bool(body, "ignore_eos"))
+    if response_schema is not None and params.ignore_eos:
+        raise invalid("'ignore_eos' cannot be combined with 'response_format': a finished JSON value "
+                      "allows only the end-of-generation token", "ignore_eos")
     tau: float | None = _get_number(body, "fogline_tau", -1.0, 0.0, 1.0)
     tau = None if tau is None or tau < 0 else tau
     slo: float | None = _get_number(body, "fogline_slo_ms", -1.0, 0.001, 3_600_000.0)
     slo = None if slo is None or slo < 0 else slo
     return body, dict(kind=kind, model=model, params=params, stream=stream, include_usage=include_usage, mode=mode,
-                      tau=tau, slo_ms=slo)
+                      tau=tau, slo_ms=slo, response_schema=response_schema)
 
 
 def parse_chat(body: Any, *, n_vocab: int, default_mode: str) -> ApiRequest:

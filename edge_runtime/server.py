@@ -40,6 +40,7 @@ from edge_runtime.openai_api import (ApiRequest, ResponseBuilder, finish_error, 
                                      parse_completion)
 from fogline import __version__
 from fogline.aio import cancel_and_wait
+from fogline.constraint import Constraint, ConstraintError, Grammars
 
 log = logging.getLogger("fogline.edge.http")
 
@@ -312,8 +313,9 @@ async def _submitted(request: web.Request, rt: EdgeRuntime, api: ApiRequest, t0:
         gen.timing.decision = request.app[AUTO].choose(api.slo_ms)
         mode, tau, gamma = AutoMode.plan(gen.timing.decision)
     capture = mode in ("collab", "spec", "cloud") and request.app[RUNTIME].bridge is not None
+    constraint = await _constraint(rt, api)
     rt.engine.submit(GenerationRequest(gen.rid, prompt, api.params, mode, capture_hidden=capture, tau=tau,
-                                       gamma=gamma), gen.events.emit)
+                                       gamma=gamma, constraint=constraint), gen.events.emit)
     m.prompt_tokens.inc(len(prompt))
     finished = False
     try:
@@ -323,6 +325,22 @@ async def _submitted(request: web.Request, rt: EdgeRuntime, api: ApiRequest, t0:
         if not finished or not gen.events.finished:
             rt.engine.cancel(gen.rid)  # client gone or failure: stop generating, free the sequence
             m.finished.labels("cancelled").inc()
+
+
+_grammars: dict[int, tuple[Any, Grammars]] = {}
+
+
+async def _constraint(rt: EdgeRuntime, api: ApiRequest) -> Constraint | None:
+    """Structured output: the request's grammar matcher (compiled off the event loop, cached per
+    schema); a schema the engine cannot enforce is a 400 naming response_format."""
+    if api.response_schema is None:
+        return None
+    if id(rt.model) not in _grammars or _grammars[id(rt.model)][0] is not rt.model:
+        _grammars[id(rt.model)] = (rt.model, Grammars(rt.model))
+    try:
+        return await asyncio.to_thread(_grammars[id(rt.model)][1].constraint, api.response_schema)
+    except ConstraintError as e:
+        raise invalid(str(e), "response_format") from None
 
 
 def _prompt_tokens(rt: EdgeRuntime, api: ApiRequest) -> tuple[list[int], str]:

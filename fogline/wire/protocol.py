@@ -24,6 +24,10 @@ its own choice, returns it as `accepted`, plus its own token for the first
 position it did not accept (or the bonus token after the last draft), and keeps
 only positions [start, start+accepted+1) in its cache (`length`).
 
+Structured output: `infer` may carry `mask` and `verify` `masks` (one per row): the edge's
+token masks (fogline/constraint.py) of the positions the cloud decides; with them the cloud
+chooses, and judges each drafted prefix, among those tokens only.
+
 `decode_frame` turns *any* byte string into either a message or a typed
 ProtocolError; it never asserts and never lets a library exception escape.
 """
@@ -133,6 +137,9 @@ class Infer(Message):
     h: HiddenFrame
     sampling: Sampling = GREEDY
     top_n: int = 0  # also return the n most likely (id, prob)
+    # structured output: the allowed tokens of position start+rows (fogline/constraint.py's
+    # zlib-compressed bitmask); the cloud chooses among them only
+    mask: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +156,9 @@ class Verify(Message):
     # sampled the draft from, as ((token, prob), ...). Needed for distribution-exact
     # speculative sampling; ignored when greedy.
     draft_probs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    # structured output: masks[i] = allowed tokens of position start+i+1 (one per row), the
+    # mask the edge drafted that position under; the cloud judges each prefix with it
+    masks: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +331,10 @@ class _Reader:
             raise BadFrame(f"{self.kind}.{name} must be 1-128 characters of [A-Za-z0-9._:-]")
         return v
 
-    def bytes(self, name: str, default: Any = _MISSING) -> bytes:
+    def bytes(self, name: str, default: Any = _MISSING) -> Any:
         v = self._get(name, default)
+        if v is None and default is None:
+            return None
         if not isinstance(v, bytes):
             raise self._bad(name, "bytes", v)
         return v
@@ -401,7 +413,8 @@ def _parse(kind: str, r: _Reader) -> Message:
                       h=r.hidden(), ack=r.bool("ack", default=True))
     if kind == "infer":
         return Infer(id=r.int("id"), session=r.session(), start=r.int("start", 0, MAX_POSITION),
-                     h=r.hidden(), sampling=r.sampling(), top_n=r.int("top_n", 0, MAX_TOP_N, default=0))
+                     h=r.hidden(), sampling=r.sampling(), top_n=r.int("top_n", 0, MAX_TOP_N, default=0),
+                     mask=r.bytes("mask", default=None))
     if kind == "verify":
         req_id, session, start, h = r.int("id"), r.session(), r.int("start", 0, MAX_POSITION), r.hidden()
         draft = r.ints("draft", MAX_DRAFT)
@@ -413,8 +426,11 @@ def _parse(kind: str, r: _Reader) -> Message:
             if len(probs_raw) != len(draft):
                 raise BadFrame("verify.draft_probs must have one entry per draft token")
             probs = tuple(r.pairs(p, "verify.draft_probs[i]", 4096) for p in probs_raw)
+        masks_raw = r.list("masks", MAX_DRAFT + 1, default=None)
+        if masks_raw is not None and (len(masks_raw) != h.rows or not all(isinstance(m, bytes) for m in masks_raw)):
+            raise BadFrame("verify.masks must be one token mask (bytes) per row")
         return Verify(id=req_id, session=session, start=start, h=h, draft=draft, sampling=r.sampling(),
-                      draft_probs=probs)
+                      draft_probs=probs, masks=None if masks_raw is None else tuple(masks_raw))
     if kind == "truncate":
         return Truncate(id=r.int("id"), session=r.session(), length=r.int("length", 0, MAX_POSITION))
     if kind == "close":
