@@ -12,7 +12,8 @@ per mode and prompt, greedy, ignore_eos; cached under out/traces/) and replayed 
 websocket clients, each reacting to the cloud's replies and sleeping the edge's recorded think
 time between frames; every reply is checked against the recording ("mismatch" column).
 
-Per mode and N: p50/p95 inter-token latency as the edge's user sees it (think time included),
+Per mode and N: p50/p95 inter-token latency as the edge's user sees it (think time included;
+each request's wait for its first token counts as one gap, so queueing whole requests shows),
 the cloud process's CPU-seconds per generated token (psutil, user+system), aggregate tokens/s.
 Headline per SLO: the largest N whose p95 ITL meets it (with no errors) and each mode's ratio to
 cloud-only; plus a bound per mode, N_max ≈ cloud threads / (CPU-s per token × tokens/s of one
@@ -205,11 +206,14 @@ async def run_level(mode: str, n: int, url: str, traces: dict[str, list[Trace]],
         await asyncio.gather(*jobs)
         wall, cpu = time.monotonic() - t0, cpu_s(proc) - cpu0
     itls = [x for r in results for x in r.itls]
+    ttfts = [x for r in results for x in r.ttfts]
     gen = sum(r.tokens for r in results)
     errors = [e for r in results for e in r.errors]
     return {"mode": mode, "sessions": n, "tokens": gen, "wall_s": wall,
             "p50_itl_ms": 1000 * float(np.percentile(itls, 50)) if itls else float("nan"),
             "p95_itl_ms": 1000 * float(np.percentile(itls, 95)) if itls else float("nan"),
+            "p50_ttft_ms": 1000 * float(np.percentile(ttfts, 50)) if ttfts else float("nan"),
+            "p95_ttft_ms": 1000 * float(np.percentile(ttfts, 95)) if ttfts else float("nan"),
             "tok_s": gen / wall if wall > 0 else 0.0,
             "cloud_cpu_s_per_tok": cpu / gen if gen else float("nan"),
             "reply_mismatches": sum(r.mismatches for r in results), "replies": sum(r.replies for r in results),
@@ -252,10 +256,11 @@ def bounds(rows: list[dict[str, Any]], threads: int) -> dict[str, dict[str, floa
 def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, threads: int,
                  headline: dict[str, dict[str, int]], bound: dict[str, dict[str, float]]) -> None:
     print(f"\nCapacity at RTT {rtt:g} ms, cloud {threads} thread(s)")
-    print("| mode | N | p50 ITL ms | p95 ITL ms | tok/s | cloud CPU s/tok | mismatches | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | N | p50 ITL ms | p95 ITL ms | p95 TTFT ms | tok/s | cloud CPU s/tok | mismatches | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['sessions']} | {r['p50_itl_ms']:.1f} | {r['p95_itl_ms']:.1f} | {r['tok_s']:.1f} | "
+        print(f"| {r['mode']} | {r['sessions']} | {r['p50_itl_ms']:.1f} | {r['p95_itl_ms']:.1f} | "
+              f"{r['p95_ttft_ms']:.0f} | {r['tok_s']:.1f} | "
               f"{r['cloud_cpu_s_per_tok']:.4f} | {r['reply_mismatches']}/{r['replies']} | {r['errors']} |")
     for slo in slos:
         h = headline[str(int(slo))]

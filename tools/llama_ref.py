@@ -16,7 +16,7 @@ from tools.loadgen import SessionResult
 async def replay_llama_server(base: str, prompts: list[str], max_tokens: int, out: SessionResult,
                               http: Any) -> None:
     for prompt in prompts:
-        stamps: list[float] = []
+        stamps: list[float] = [time.monotonic()]
         out.runs.append(stamps)
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
                 "stream": True}

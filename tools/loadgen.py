@@ -168,19 +168,24 @@ class RecordingProxy:
 class SessionResult:
     """What one simulated edge saw."""
 
-    runs: list[list[float]] = field(default_factory=list)  # per request: monotonic time of each token
+    runs: list[list[float]] = field(default_factory=list)  # per request: its start, then each token's time
     replies: int = 0
     mismatches: int = 0  # cloud replies that differ from the recording
     errors: list[str] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
-        return sum(len(r) for r in self.runs)
+        return sum(len(r) - 1 for r in self.runs)
 
     @property
     def itls(self) -> list[float]:
-        """Gaps between consecutive tokens of the same request (think time included)."""
+        """Every wait of the user, per request: start -> first token, then token -> token (think time
+        included). The first gap makes a server that queues whole requests show its queueing."""
         return [b - a for r in self.runs for a, b in zip(r, r[1:])]
+
+    @property
+    def ttfts(self) -> list[float]:
+        return [r[1] - r[0] for r in self.runs if len(r) > 1]
 
 
 def _with_session(frame: bytes, session: str) -> bytes:
@@ -238,10 +243,10 @@ async def replay_split(url: str, hello: bytes, runs: list[list[Event]], out: Ses
 async def _replay_one(ws: Any, events: list[Event], pending: dict[int, asyncio.Future],
                       out: SessionResult) -> bool:
     loop = asyncio.get_running_loop()
-    stamps: list[float] = []
+    stamps: list[float] = [time.monotonic()]
     out.runs.append(stamps)
     futs: dict[int, asyncio.Future] = {}
-    prev = time.monotonic()
+    prev = stamps[0]
     for e in events:
         if e.kind == "recv":
             fut = futs.pop(e.id, None)
@@ -281,7 +286,7 @@ async def replay_cloud_only(url: str, prompts: list[list[int]], max_tokens: int,
     """The cloud-only edge: token ids up, the whole model's tokens streamed down, one socket."""
     async with http.ws_connect(url, compress=0) as ws:
         for ids in prompts:
-            stamps: list[float] = []
+            stamps: list[float] = [time.monotonic()]
             out.runs.append(stamps)
             await ws.send_str(json.dumps({"prompt": ids, "max_tokens": max_tokens}))
             while True:
