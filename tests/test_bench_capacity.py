@@ -25,7 +25,7 @@ def test_bench_capacity_tiny(demo_bundle, tmp_path, subprocess_env):
            "--json", str(out)]
     r = subprocess.run(cmd, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "sessions at p95 ITL <= 150 ms" in r.stdout
+    assert "sessions at p95 ITL <= 150 ms" in r.stdout, r.stdout[-2000:]
 
     result = json.loads(out.read_text())
     assert set(result["sessions_at_slo"]) == {"150", "300"}

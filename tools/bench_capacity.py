@@ -15,7 +15,8 @@ time between frames; every reply is checked against the recording ("mismatch" co
 Per mode and N: p50/p95 inter-token latency as the edge's user sees it (think time included;
 each request's wait for its first token counts as one gap, so queueing whole requests shows),
 the cloud process's CPU-seconds per generated token (psutil, user+system), aggregate tokens/s.
-Headline per SLO: the largest N whose p95 ITL meets it (with no errors) and each mode's ratio to
+Headline per SLO: the largest N whose p95 ITL meets it (with no errors, and p95 TTFT within
+`--ttft-slo`, 2 s by default) and each mode's ratio to
 cloud-only; plus a bound per mode, N_max ≈ cloud threads / (CPU-s per token × tokens/s of one
 session), from the same run. A mode stops climbing N once its p95 is past `--stop-factor` × the
 largest SLO (rows beyond are not run). The llama-cpp-python server on the full demo GGUF is run
@@ -231,9 +232,12 @@ async def _delayed(delay: float, job: Any, out: SessionResult) -> None:
 # --- the headline ----------------------------------------------------------------------------
 
 
-def sessions_at_slo(rows: list[dict[str, Any]], slo_ms: float, mode: str) -> int:
-    """The largest N whose p95 ITL meets the SLO with no failed session (0: not even one)."""
-    ok = [r["sessions"] for r in rows if r["mode"] == mode and r["errors"] == 0 and r["p95_itl_ms"] <= slo_ms]
+def sessions_at_slo(rows: list[dict[str, Any]], slo_ms: float, mode: str, ttft_slo_ms: float = 0.0) -> int:
+    """The largest N whose p95 ITL meets the SLO with no failed session (0: not even one); with
+    `ttft_slo_ms`, its p95 time to first token must meet that too (a server that queues whole
+    requests keeps a steady ITL while its users wait for their first token)."""
+    ok = [r["sessions"] for r in rows if r["mode"] == mode and r["errors"] == 0 and r["p95_itl_ms"] <= slo_ms
+          and (ttft_slo_ms <= 0 or r["p95_ttft_ms"] <= ttft_slo_ms)]
     return max(ok, default=0)
 
 
@@ -254,7 +258,9 @@ def bounds(rows: list[dict[str, Any]], threads: int) -> dict[str, dict[str, floa
 
 
 def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, threads: int,
-                 headline: dict[str, dict[str, int]], bound: dict[str, dict[str, float]]) -> None:
+                 headline: dict[str, dict[str, int]], bound: dict[str, dict[str, float]],
+                 ttft_slo: float = 0.0) -> None:
+    ttft = f" (and p95 TTFT <= {ttft_slo:g} ms)" if ttft_slo > 0 else ""
     print(f"\nCapacity at RTT {rtt:g} ms, cloud {threads} thread(s)")
     print("| mode | N | p50 ITL ms | p95 ITL ms | p95 TTFT ms | tok/s | cloud CPU s/tok | mismatches | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -266,7 +272,7 @@ def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, thre
         h = headline[str(int(slo))]
         base = h.get(BASELINE, 0)
         parts = [f"{m} {n}" + (f" ({n / base:.2f}x)" if base and m != BASELINE else "") for m, n in h.items()]
-        print(f"sessions at p95 ITL <= {slo:g} ms: " + ", ".join(parts))
+        print(f"sessions at p95 ITL <= {slo:g} ms{ttft}: " + ", ".join(parts))
     base_b = bound.get(BASELINE, {}).get("n_max")
     for mode, b in bound.items():
         ratio = f", {b['n_max'] / base_b:.2f}x cloud-only" if base_b and mode != BASELINE else ""
@@ -310,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1, help="requests each simulated edge sends, back to back")
     ap.add_argument("--stagger", type=float, default=0.5, help="seconds over which the N edges start")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each cloud process")
+    ap.add_argument("--ttft-slo", type=float, default=2000.0,
+                    help="a row meets the SLO only if its p95 time to first token is within this (ms; 0: off)")
     ap.add_argument("--stop-factor", type=float, default=4.0,
                     help="stop a mode's sweep once its p95 ITL exceeds this x the largest SLO")
     ap.add_argument("--traces", default=None, help="trace file (default: out/traces/, recorded if missing)")
@@ -384,17 +392,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['tok_s']:6.1f} tok/s  {row['cloud_cpu_s_per_tok']:.4f} CPU-s/tok  "
                       f"mismatch {row['reply_mismatches']}/{row['replies']}  errors {row['errors']}"
                       + (f" ({row['first_error']})" if row["first_error"] else ""), flush=True)
-                if not row["p95_itl_ms"] <= args.stop_factor * max(slos):
+                if not (row["p95_itl_ms"] <= args.stop_factor * max(slos)
+                        and (args.ttft_slo <= 0 or row["p95_ttft_ms"] <= args.stop_factor * args.ttft_slo)):
                     break
     finally:
         stop(*reversed(procs))
-    headline = {str(int(s)): {m: sessions_at_slo(rows, s, m) for m in targets} for s in slos}
+    headline = {str(int(s)): {m: sessions_at_slo(rows, s, m, args.ttft_slo) for m in targets} for s in slos}
     bound = bounds(rows, args.threads)
-    print_report(rows, slos, args.rtt, args.threads, headline, bound)
+    print_report(rows, slos, args.rtt, args.threads, headline, bound, args.ttft_slo)
     if args.json:
         out = {"sessions_at_slo": headline, "rows": rows, "bounds": bound,
                "config": {"rtt_ms": args.rtt, "mbit": args.mbit, "tokens": args.tokens, "prompts": args.prompts,
-                          "requests": args.requests, "threads": args.threads, "split": manifest.split,
+                          "requests": args.requests, "threads": args.threads, "ttft_slo_ms": args.ttft_slo,
+                          "split": manifest.split,
                           "sessions": ns, "traces": str(trace_path)}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
