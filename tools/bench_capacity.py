@@ -66,17 +66,18 @@ def _port() -> int:
     return p
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _env(repo: Path = REPO) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def start_http(argv: list[str], port: int, name: str, health: str = "/health",
-               timeout_s: float = 240.0) -> subprocess.Popen:
-    """`python argv...` logging to /tmp/bench_capacity_{name}.log; returns once `health` answers."""
+               timeout_s: float = 240.0, repo: Path = REPO) -> subprocess.Popen:
+    """`python argv...` (run from `repo`) logging to /tmp/bench_capacity_{name}.log; returns once
+    `health` answers."""
     log_path = f"/tmp/bench_capacity_{name}.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT, env=_env(),
-                                cwd=REPO)
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT,
+                                env=_env(repo), cwd=repo)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -323,14 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", default=None, help="trace file (default: out/traces/, recorded if missing)")
     ap.add_argument("--record", action="store_true", help="re-record the traces even if cached")
     ap.add_argument("--no-reference", action="store_true", help="skip the llama-cpp-python server")
+    ap.add_argument("--cloud-repo", default=str(REPO),
+                    help="checkout whose cloud_runtime both cloud processes run (e.g. a snapshot of another branch)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cloud_repo = Path(args.cloud_repo).resolve()
     import psutil
 
     from fogline.manifest import load_manifest
     from tools.bench_cloud import ensure_bundle
 
-    bundle = ensure_bundle(Path(args.bundle))
+    bundle = ensure_bundle(Path(args.bundle).resolve())
     manifest = load_manifest(bundle / "cloud", role="cloud")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = set(modes) - {BASELINE, *SPLIT_MODES}
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cloud = start_http(["-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"), "--port",
                             str(cport), "--threads", str(args.threads), "--log-level", "WARNING",
-                            "--kv-budget-bytes", str(8 << 30)], cport, "cloud")
+                            "--kv-budget-bytes", str(8 << 30)], cport, "cloud", repo=cloud_repo)
         procs.append(cloud)
         traces: dict[str, list[Trace]] = {}
         if split_modes:
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         full = None
         if BASELINE in modes:
             full = start_http(["-m", "cloud_runtime.full_model", "--source", args.source, "--port", str(fport),
-                               "--threads", str(args.threads)], fport, "full")
+                               "--threads", str(args.threads)], fport, "full", repo=cloud_repo)
             procs.append(full)
         prompt_ids = chat_ids(bundle, prompts)
         cwan, cwport = start_wanem(cport, args.rtt, args.mbit)
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                "config": {"rtt_ms": args.rtt, "mbit": args.mbit, "tokens": args.tokens, "prompts": args.prompts,
                           "requests": args.requests, "threads": args.threads, "ttft_slo_ms": args.ttft_slo,
                           "split": manifest.split,
-                          "sessions": ns, "traces": str(trace_path)}}
+                          "sessions": ns, "traces": str(trace_path), "cloud_repo": str(cloud_repo)}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
         print("json:", args.json)
