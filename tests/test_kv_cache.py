@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
-from cloud_runtime.deep_model import DeepModel, Segment  # noqa: E402
-from cloud_runtime.kv_cache import KVPool, PoolExhausted  # noqa: E402
-from fogline.arch import ArchSpec  # noqa: E402
+from cloud_runtime.deep_model import DeepModel, Segment
+from cloud_runtime.kv_cache import KVPool, PoolExhausted
+from fogline.arch import ArchSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,11 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.edge_server_util import REPO
-
-pytest.importorskip("matplotlib")
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

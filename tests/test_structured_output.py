@@ -15,10 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 
-pytest.importorskip("llguidance")
-
-from tests.edge_server_util import edge_env, free_port, start_edge_server, wait_cloud_connected  # noqa: E402
-from tests.test_collab_modes import Cloud  # noqa: E402
+from tests.edge_server_util import edge_env, free_port, start_edge_server, wait_cloud_connected
+from tests.test_collab_modes import Cloud
 
 PERSON = {
     "type": "object",
