@@ -634,12 +634,12 @@ class Engine:
         text = ""
         if flush and reason in ("stop", "length"):
             text = seq.stopper.push(seq.utf8.flush())[0] + seq.stopper.flush()
-        if reason in ("stop", "length"):  # its KV holds exactly tokens[:n_past]: keep it for a next prompt
+        if reason != "error":  # its KV holds exactly tokens[:n_past] (also when cancelled): keep it for a next prompt
             self._finished += 1
             if seq.hidden is not None:
                 seq.hidden.truncate(seq.n_past)
             self._slot_cache[seq.slot] = _SlotCache(seq.tokens[:seq.n_past], seq.hidden, self._finished)
-        else:  # cancelled or failed: hand the slot back empty
+        else:  # a failed decode: hand the slot back empty
             self.ctx.remove(seq.slot)
         with self._lock:
             self._free_slots.append(seq.slot)

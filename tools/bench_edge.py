@@ -283,6 +283,7 @@ async def _chat_ttft(base: str, model: str, text: str) -> float:
 
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0,
             "stream": True}
+    t1 = None
     async with aiohttp.ClientSession() as s:
         t0 = time.perf_counter()
         async with s.post(base + "/v1/chat/completions", json=body) as r:
@@ -290,9 +291,13 @@ async def _chat_ttft(base: str, model: str, text: str) -> float:
             async for line in r.content:
                 if line.startswith(b"data: {"):
                     obj = json.loads(line[6:])
-                    if obj["choices"] and obj["choices"][0]["delta"].get("content"):
-                        return time.perf_counter() - t0
-    raise RuntimeError(f"{base}: the stream ended without content")
+                    if t1 is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                        t1 = time.perf_counter()
+    # read to the end: a client that hangs up early leaves the server finishing (or cancelling)
+    # that request while the next one arrives, which would time the overlap, not the first token
+    if t1 is None:
+        raise RuntimeError(f"{base}: the stream ended without content")
+    return t1 - t0
 
 
 def bench_ttft(servers: dict[str, Daemon | LlamaCppServer], n: int) -> dict[str, list[float]]:
@@ -347,6 +352,26 @@ def main() -> int:
           f"prompt {args.prompt_tokens} tok, generate {args.gen_tokens} tok, repeats {args.repeats}, "
           f"llama-cpp-python {llama_cpp.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    # TTFT first, while this process holds no model of its own
+    daemon = None if args.skip_http else Daemon(args.bundle, args.threads, parallel, ctx_size)
+    lcs_missing = None if args.skip_http else llama_cpp_server_available()
+    ttft: dict[str, list[float]] = {}
+    if daemon:
+        servers: dict[str, Daemon | LlamaCppServer] = {"fogline": daemon}
+        lcs = None
+        try:
+            if lcs_missing is None:
+                lcs = servers["llama_cpp.server"] = LlamaCppServer(gguf, args.threads, ctx_size)
+            else:
+                print(f"llama_cpp.server unavailable ({lcs_missing}): install llama-cpp-python[server] "
+                      "(the dev extra) for the TTFT baseline", flush=True)
+            ttft = bench_ttft(servers, args.ttft_requests)
+        except BaseException:
+            daemon.stop()
+            raise
+        finally:
+            if lcs is not None:
+                lcs.stop()
     with host_params_for_llama_class():  # the same model params (AMX guard) as fogline's loads
         llm = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
                               n_ctx=ctx_size, n_batch=512, flash_attn=True, verbose=False)
@@ -376,22 +401,7 @@ def main() -> int:
 
     class _Rt:  # what bench_engine needs of a runtime
         engine = rt_nat
-    daemon = None if args.skip_http else Daemon(args.bundle, args.threads, parallel, ctx_size)
-    lcs_missing = None if args.skip_http else llama_cpp_server_available()
-    lcs = None
-    ttft: dict[str, list[float]] = {}
     try:
-        if daemon:
-            servers: dict[str, Daemon | LlamaCppServer] = {"fogline": daemon}
-            if lcs_missing is None:
-                lcs = servers["llama_cpp.server"] = LlamaCppServer(gguf, args.threads, ctx_size)
-            else:
-                print(f"llama_cpp.server unavailable ({lcs_missing}): install llama-cpp-python[server] "
-                      "(the dev extra) for the TTFT baseline", flush=True)
-            ttft = bench_ttft(servers, args.ttft_requests)
-            if lcs is not None:
-                lcs.stop()
-                lcs = None
         # warm-up: page the weights in, build the graphs
         p = prompt_for(rt.model, args.prompt_tokens, 0)
         bench_plain(llm, p, 8)
@@ -419,8 +429,6 @@ def main() -> int:
             print(f"  repeat {r + 1}/{args.repeats}: decode a={single['a'][-1].decode_tps:.1f} "
                   f"b={single['b'][-1].decode_tps:.1f} tok/s", flush=True)
     finally:
-        if lcs is not None:
-            lcs.stop()
         if daemon:
             daemon.stop()
         rt.close()
