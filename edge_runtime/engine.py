@@ -227,6 +227,15 @@ class SchedulerOutput:
 
 
 @dataclass
+class _SlotCache:
+    """A free slot's KV content: the tokens of positions [0, len(tokens)), their h_K if captured."""
+
+    tokens: list[int]
+    hidden: HiddenBuffer | None
+    finished: int  # order in which the slot was freed (LRU eviction)
+
+
+@dataclass
 class _Waiting:
     req: GenerationRequest
     emit: Emit
@@ -259,9 +268,15 @@ class Engine:
         self._control: list[tuple[str, Callable[[_Sequence], None]]] = []  # verdicts, fallbacks
         self._running: dict[str, _Sequence] = {}
         self._free_slots = list(range(parallel))
+        # what each free slot's KV still holds from its last request (engine thread only): a new
+        # prompt that shares a prefix with it (a chat's system prompt and history) skips that
+        # prefill, as llama.cpp's own server does; evicted least recently used first
+        self._slot_cache: dict[int, _SlotCache] = {}
+        self._finished = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.prefix_reused = 0  # prompt positions not prefilled again thanks to a slot's cached prefix
         self.dead: str | None = None  # set when the loop died; the engine cannot recover
 
     # ---- consumer side (any thread)
@@ -446,7 +461,10 @@ class Engine:
                 self._waiting = collections.deque(w for w in self._waiting if w.req.request_id not in cancelled)
             admitted = []
             while self._waiting and self._free_slots:
-                admitted.append((self._waiting.popleft(), self._free_slots.pop(0)))
+                w = self._waiting.popleft()
+                slot = self._pick_slot(w.req)
+                self._free_slots.remove(slot)
+                admitted.append((w, slot))
         for rid in cancelled:
             seq = self._running.get(rid)
             if seq is not None:
@@ -464,16 +482,47 @@ class Engine:
         for w, slot in admitted:
             self._admit(w, slot)
 
+    def _reusable(self, slot: int, req: GenerationRequest) -> int:
+        """Prompt positions whose KV (and h_K, when the request captures it) `slot` already holds.
+        At least the last prompt token is always decoded again: its logits start the completion."""
+        cache = self._slot_cache.get(slot)
+        if cache is None:
+            return 0
+        n = 0
+        for a, b in zip(cache.tokens, req.prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        if req.capture_hidden:
+            n = min(n, cache.hidden.n if cache.hidden is not None else 0)
+        return n
+
+    def _pick_slot(self, req: GenerationRequest) -> int:
+        """The free slot holding the longest prefix of the prompt; else the least recently used."""
+        def key(slot: int) -> tuple[int, int]:
+            cache = self._slot_cache.get(slot)
+            return self._reusable(slot, req), -(cache.finished if cache is not None else -1)
+        return max(self._free_slots, key=key)
+
     def _admit(self, w: _Waiting, slot: int) -> None:
         req = w.req
         mode, fallback = self.resolve_mode(req.mode)
-        self.ctx.remove(slot)  # a slot is handed out clean, whatever happened before
+        reuse = self._reusable(slot, req)
+        cache = self._slot_cache.pop(slot, None)
+        self.ctx.remove(slot, reuse)  # the slot keeps only the reused prefix, whatever happened before
+        hidden = None
+        if req.capture_hidden:
+            hidden = HiddenBuffer(self.model.n_embd, capacity=max(256, reuse))
+            if reuse:
+                assert cache is not None and cache.hidden is not None
+                hidden.append(cache.hidden.view(0, reuse))
         seq = _Sequence(req=req, emit=w.emit, slot=slot, source=self._sources[mode],
                         sampler=Sampler(req.params, self.model.n_vocab),
                         stats=FoglineStats(mode=mode, fallback=fallback),
                         max_new=self.check_fits(len(req.prompt), req.params.max_tokens),
-                        tokens=list(req.prompt), stopper=StopMatcher(req.params.stop),
-                        hidden=HiddenBuffer(self.model.n_embd) if req.capture_hidden else None)
+                        tokens=list(req.prompt), stopper=StopMatcher(req.params.stop), hidden=hidden,
+                        n_past=reuse)
+        self.prefix_reused += reuse
         self._running[req.request_id] = seq
 
     def _schedule(self) -> SchedulerOutput:
@@ -624,7 +673,13 @@ class Engine:
         text = ""
         if flush and reason in ("stop", "length"):
             text = seq.stopper.push(seq.utf8.flush())[0] + seq.stopper.flush()
-        self.ctx.remove(seq.slot)
+        if reason != "error":  # its KV holds exactly tokens[:n_past] (also when cancelled): keep it for a next prompt
+            self._finished += 1
+            if seq.hidden is not None:
+                seq.hidden.truncate(seq.n_past)
+            self._slot_cache[seq.slot] = _SlotCache(seq.tokens[:seq.n_past], seq.hidden, self._finished)
+        else:  # a failed decode: hand the slot back empty
+            self.ctx.remove(seq.slot)
         with self._lock:
             self._free_slots.append(seq.slot)
             self._free_slots.sort()
@@ -658,6 +713,11 @@ class Engine:
     def kv_positions(self, slot: int) -> int:
         """Highest position held in a slot's KV sequence (-1: empty). Engine thread or idle engine only."""
         return self.ctx.seq_pos_max(slot)
+
+    def cached_prefix(self, slot: int) -> int:
+        """Positions a free slot keeps for prefix reuse (0: none). Engine thread or idle engine only."""
+        cache = self._slot_cache.get(slot)
+        return 0 if cache is None else len(cache.tokens)
 
     def hidden_of(self, request_id: str) -> np.ndarray | None:
         seq = self._running.get(request_id)

@@ -121,6 +121,37 @@ def test_hidden_states_of_every_position_match_a_solo_prefill(rt):
         np.testing.assert_array_equal(hid, ref.astype(np.float16))
 
 
+def test_a_prompt_sharing_a_finished_prefix_skips_its_prefill_and_matches(rt):
+    """A second chat turn (same system prompt and history) reuses the slot's KV and h_K rows;
+    its tokens and uploaded h_K equal a cold run's, and a prompt that diverges reuses only the
+    common part."""
+    rec = Recorder(rt)
+    rt.engine.register_source("collab", rec)
+    base = prompts(rt)[1]
+    longer = base + rt.model.tokenize(" and the story goes on")
+    first = collect(rt, [GenerationRequest("p1", base, greedy(5), mode="collab", capture_hidden=True)])["p1"]
+    before = rt.engine.prefix_reused
+    second = collect(rt, [GenerationRequest("p2", longer, greedy(5), mode="collab", capture_hidden=True)])["p2"]
+    assert rt.engine.prefix_reused - before >= len(base)  # the prompt and some of p1's completion
+    assert first[-1].finish_reason == second[-1].finish_reason == "length"
+    ref_ctx = LlamaContext(rt.model, n_ctx=CTX, n_batch=CTX, n_threads=1, tap_layer=rt.manifest.split - 1)
+    try:
+        ref = prefill(ref_ctx, rec.tokens["p2"], capture_hidden=True).hidden
+    finally:
+        ref_ctx.close()
+    np.testing.assert_array_equal(rec.hidden["p2"], ref.astype(np.float16))
+    # its first token equals a cold prefill's greedy choice in a context of its own
+    cold = LlamaContext(rt.model, n_ctx=CTX, n_batch=CTX, n_threads=1)
+    try:
+        res = prefill(cold, longer, capture_hidden=False)
+        assert int(np.argmax(res.logits[-1])) == tokens_of(second)[0]
+    finally:
+        cold.close()
+    before = rt.engine.prefix_reused
+    diverged = base[:3] + rt.model.tokenize(" something else entirely")
+    collect(rt, [GenerationRequest("p3", diverged, greedy(2))])
+    assert rt.engine.prefix_reused - before == 3
+
 @pytest.mark.parametrize("layer, via", [(19, "callback"), (12, "layer_input")])
 def test_hidden_rows_come_back_in_batch_order_across_micro_batches(rt, layer, via):
     """Random mixed batches over 3 sequences: every h_K row lands where its batch row was,
@@ -210,7 +241,10 @@ def test_cancel_stops_generation_and_frees_the_kv_sequence(rt):
         pass
     assert ev.finish_reason == "cancelled" and ev.completion_tokens < 200
     assert rt.engine.n_running == 0
-    assert [rt.engine.kv_positions(s) for s in range(PARALLEL)] == [-1] * PARALLEL
+    # a cancelled request leaves nothing in the KV cache: each slot holds only the prefix it keeps
+    # for reuse from an earlier finished request
+    assert [rt.engine.kv_positions(s) for s in range(PARALLEL)] == [rt.engine.cached_prefix(s) - 1
+                                                                    for s in range(PARALLEL)]
     # and the slot is usable again
     fin = collect(rt, [GenerationRequest("after", prompts(rt)[0], greedy(2))])["after"][-1]
     assert fin.finish_reason == "length"

@@ -8,6 +8,11 @@
        gets (measured one block lower on this bundle)
   (c) fogline over HTTP (`fogline edge serve` subprocess, SSE streaming /v1/completions)
 
+Time to first token (TTFT) on a short chat prompt, streamed /v1/chat/completions, the same
+aiohttp client timing (c) and `python -m llama_cpp.server` (llama-cpp-python's own OpenAI
+server, when its [server] extra is installed) on the same GGUF and threads, one request after the
+other, alternating: p50/p95 of each and the p50 ratio (target <= 1.1).
+
 Prompt tokens/s is prompt length / time to first token; decode tokens/s is
 (generated - 1) / (last token - first token). Then aggregate completion
 tokens/s with 1, 2, 4, 8 concurrent streams (total tokens / wall time, prefill
@@ -16,6 +21,7 @@ included), in-process and over HTTP. Every figure is the median over
 neighbour hurts them alike.
 
     python tools/bench_edge.py --bundle out/k20q8/edge [--threads N] [--repeats 5] [--json edge.json]
+    python tools/bench_edge.py --quick --json edge.json   # one short pass of everything (tests)
 """
 
 from __future__ import annotations
@@ -217,6 +223,100 @@ def aggregate_http(d: Daemon, prompts: list[list[int]], n_gen: int) -> float:
     return asyncio.run(go())
 
 
+# --------------------------------------------------------------------------- TTFT, fogline vs llama_cpp.server
+
+CHATS = ["Hi!", "What is 2+2?", "Name a color.", "Say hello.", "What is the capital of France?",
+         "Give me a word that rhymes with cat.", "How many legs has a spider?", "Is water wet?"]
+
+
+class LlamaCppServer:
+    """`python -m llama_cpp.server` on the same GGUF and threads (flash attention on, as in (a))."""
+
+    def __init__(self, gguf: Path, threads: int, ctx_size: int) -> None:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = Path(tempfile.mkstemp(prefix="bench-edge-lcs-", suffix=".log")[1])
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+                                          "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
+                                          "--n_threads_batch", str(threads), "--n_ctx", str(ctx_size),
+                                          "--flash_attn", "true"], stdout=f, stderr=subprocess.STDOUT)
+        self.model = "x"
+        asyncio.run(self._wait_ready())
+
+    async def _wait_ready(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            for _ in range(600):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"llama_cpp.server exited:\n{self.log.read_text(errors='replace')[-2000:]}")
+                try:
+                    async with s.get(self.base + "/v1/models") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError("llama_cpp.server never answered")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.unlink(missing_ok=True)
+
+
+def llama_cpp_server_available() -> str | None:
+    """None when `python -m llama_cpp.server` can start here, else why not."""
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+async def _chat_ttft(base: str, model: str, text: str) -> float:
+    """Seconds from sending a streamed chat request to the first chunk with content."""
+    import aiohttp
+
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0,
+            "stream": True}
+    t1 = None
+    async with aiohttp.ClientSession() as s:
+        t0 = time.perf_counter()
+        async with s.post(base + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    obj = json.loads(line[6:])
+                    if t1 is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                        t1 = time.perf_counter()
+    # read to the end: a client that hangs up early leaves the server finishing (or cancelling)
+    # that request while the next one arrives, which would time the overlap, not the first token
+    if t1 is None:
+        raise RuntimeError(f"{base}: the stream ended without content")
+    return t1 - t0
+
+
+def bench_ttft(servers: dict[str, Daemon | LlamaCppServer], n: int) -> dict[str, list[float]]:
+    """n short chat prompts to every server in turn (one warm-up each first); TTFT in ms."""
+    out: dict[str, list[float]] = {k: [] for k in servers}
+    for k, srv in servers.items():
+        asyncio.run(_chat_ttft(srv.base, srv.model, "Warm up."))
+    for i in range(n):
+        for k, srv in servers.items():
+            out[k].append(1000 * asyncio.run(_chat_ttft(srv.base, srv.model, f"{CHATS[i % len(CHATS)]} ({i})")))
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, int(round(q / 100 * len(ys) + 0.5)) - 1))]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -234,11 +334,16 @@ def main() -> int:
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--ttft-requests", type=int, default=20, help="short chat requests per server for TTFT")
+    ap.add_argument("--quick", action="store_true", help="one short pass of everything (what the tests run)")
     ap.add_argument("--json", help="also write the medians to this file, and tokens/s vs streams as a PNG beside it")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.prompt_tokens, args.gen_tokens, args.agg_gen_tokens = 1, 32, 16, 8
+        args.streams, args.ttft_requests = "1,2", 3
     streams = [int(s) for s in args.streams.split(",")]
     parallel = max(streams)
-    ctx_size = args.prompt_tokens + args.gen_tokens + 16
+    ctx_size = max(128, args.prompt_tokens + args.gen_tokens + 16)  # a chat prompt (TTFT) fits too
 
     import llama_cpp
 
@@ -247,6 +352,26 @@ def main() -> int:
           f"prompt {args.prompt_tokens} tok, generate {args.gen_tokens} tok, repeats {args.repeats}, "
           f"llama-cpp-python {llama_cpp.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    # TTFT first, while this process holds no model of its own
+    daemon = None if args.skip_http else Daemon(args.bundle, args.threads, parallel, ctx_size)
+    lcs_missing = None if args.skip_http else llama_cpp_server_available()
+    ttft: dict[str, list[float]] = {}
+    if daemon:
+        servers: dict[str, Daemon | LlamaCppServer] = {"fogline": daemon}
+        lcs = None
+        try:
+            if lcs_missing is None:
+                lcs = servers["llama_cpp.server"] = LlamaCppServer(gguf, args.threads, ctx_size)
+            else:
+                print(f"llama_cpp.server unavailable ({lcs_missing}): install llama-cpp-python[server] "
+                      "(the dev extra) for the TTFT baseline", flush=True)
+            ttft = bench_ttft(servers, args.ttft_requests)
+        except BaseException:
+            daemon.stop()
+            raise
+        finally:
+            if lcs is not None:
+                lcs.stop()
     with host_params_for_llama_class():  # the same model params (AMX guard) as fogline's loads
         llm = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
                               n_ctx=ctx_size, n_batch=512, flash_attn=True, verbose=False)
@@ -276,7 +401,6 @@ def main() -> int:
 
     class _Rt:  # what bench_engine needs of a runtime
         engine = rt_nat
-    daemon = None if args.skip_http else Daemon(args.bundle, args.threads, parallel, ctx_size)
     try:
         # warm-up: page the weights in, build the graphs
         p = prompt_for(rt.model, args.prompt_tokens, 0)
@@ -335,6 +459,19 @@ def main() -> int:
         print(f"{labels[where] + ' x 1 stream':<26}" + "".join(f"{v / vals[0]:>10.2f}" for v in vals))
     print("(raw: decode steps only, one row per sequence, no prefill, no sampling; engine and HTTP:\n"
           f" {args.agg_gen_tokens} tokens per stream from a 32-token prompt, prefill and everything included)")
+    ttft_out: dict[str, object] = {k: {"p50_ms": med(v), "p95_ms": pct(v, 95), "n": len(v)} for k, v in ttft.items()}
+    if ttft:
+        print()
+        print(f"TTFT, short chat prompt, streamed ({args.ttft_requests} requests each, alternating)")
+        for k, v in ttft.items():
+            print(f"  {k:<20} p50 {med(v):7.1f} ms   p95 {pct(v, 95):7.1f} ms")
+        if "llama_cpp.server" in ttft:
+            ratio = med(ttft["fogline"]) / med(ttft["llama_cpp.server"])
+            ttft_out["ratio_p50"] = ratio
+            print(f"target fogline/llama_cpp.server TTFT p50 <= 1.10: {ratio:.2f} -> {'met' if ratio <= 1.1 else 'MISSED'}")
+        else:
+            ttft_out["ratio_p50"] = None
+            ttft_out["baseline_missing"] = lcs_missing
     b_dec = med([x.decode_tps for x in single["b"]])
     print()
     print(f"target (b)/(a) decode >= 0.90: {b_dec / a_dec:.2f} -> {'met' if b_dec / a_dec >= 0.90 else 'MISSED'}")
@@ -348,7 +485,8 @@ def main() -> int:
         result = {"bundle": args.bundle, "threads": args.threads, "repeats": args.repeats, "streams": streams,
                   "single": {k: {"decode_tps": med([x.decode_tps for x in runs]),
                                  "prompt_tps": med([x.prompt_tps for x in runs])} for k, runs in single.items() if runs},
-                  "aggregate": {w: [med(agg[(w, n)]) for n in streams] for w in labels if (w, streams[0]) in agg}}
+                  "aggregate": {w: [med(agg[(w, n)]) for n in streams] for w in labels if (w, streams[0]) in agg},
+                  "ttft": ttft_out}
         Path(args.json).write_text(json.dumps(result, indent=1))
         from tools import plots
 
