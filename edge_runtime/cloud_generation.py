@@ -152,13 +152,14 @@ class CloudSession:
                 self.replays += 1
         self.cloud_len = target
 
-    async def infer(self, rows: np.ndarray, sampling: Sampling = GREEDY, top_n: int = 0) -> InferResult:
+    async def infer(self, rows: np.ndarray, sampling: Sampling = GREEDY, top_n: int = 0,
+                    logprobs: int | None = None) -> InferResult:
         """Record h_K of the next positions and get the token that follows them."""
         self.record(rows)
 
         async def call() -> InferResult:
             return await self.link.infer(self.sid, self.cloud_len, self.rows(self.cloud_len, self.n, rows), sampling,
-                                         top_n)
+                                         top_n, logprobs)
 
         res = await self._retrying(call)
         self.cloud_len = res.length
@@ -174,7 +175,7 @@ class CloudSession:
             pass  # the next infer/verify replays what is missing
 
     async def verify(self, rows: np.ndarray, draft: Sequence[int], sampling: Sampling = GREEDY,
-                     draft_probs: Any = None) -> VerifyResult:
+                     draft_probs: Any = None, logprobs: int | None = None) -> VerifyResult:
         """rows: h_K of positions [n, n+len(rows)); draft[i] proposes position n+i+1.
 
         After the verdict the edge and the cloud both hold `result.length` positions; the
@@ -189,7 +190,7 @@ class CloudSession:
             elif self.cloud_len > start:
                 self.cloud_len = await self.link.truncate(self.sid, start)
             return await self.link.verify(self.sid, start, self.rows(start, self.n, rows), draft, sampling,
-                                          draft_probs)
+                                          draft_probs, logprobs)
 
         res = await self._retrying(call)
         self.n = self.cloud_len = res.length
