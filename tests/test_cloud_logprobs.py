@@ -17,7 +17,10 @@ from tests.test_collab_modes import Cloud
 
 N = 8
 TOP = 5
-TOL = 1e-3
+TOL = 1e-3  # the chosen token's logprob (measured here: <= 1e-4)
+# the alternatives' logprobs: measured up to 3.9e-3 off the full model's (llama.cpp F32 vs torch
+# summation order in h_K shows up in the tail of the distribution)
+TOL_TOP = 1e-2
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
@@ -32,6 +35,14 @@ def lp_edge(demo_bundle_f32, tmp_path_factory):
     yield srv
     srv.stop()
     c.stop()
+
+
+def _settled(demo_bundle_f32, tokens: list[int]) -> int:
+    """Tokens before the first special one (an end-of-generation token carries no logprobs entry)."""
+    from transformers import AutoTokenizer
+
+    special = set(AutoTokenizer.from_pretrained(demo_bundle_f32 / "cloud").all_special_ids)
+    return next((i for i, t in enumerate(tokens) if t in special), len(tokens))
 
 
 def _reference_logprobs(demo_source, prompt: list[int], tokens: list[int]):
@@ -49,7 +60,7 @@ def _reference_logprobs(demo_source, prompt: list[int], tokens: list[int]):
     return chosen, tops
 
 
-def test_cloud_mode_logprobs_are_the_full_models(lp_edge, demo_source, chat_prompts, full_reference):
+def test_cloud_mode_logprobs_are_the_full_models(lp_edge, demo_source, demo_bundle_f32, chat_prompts, full_reference):
     from openai import OpenAI
 
     prompt, (ref_tokens, _) = chat_prompts[0], full_reference[0]
@@ -59,17 +70,19 @@ def test_cloud_mode_logprobs_are_the_full_models(lp_edge, demo_source, chat_prom
     lp = r.choices[0].logprobs
     assert r.model_extra["fogline"].get("fallback") in (None, "")
     chosen, tops = _reference_logprobs(demo_source, prompt, ref_tokens[:N])
-    assert len(lp.token_logprobs) == N
-    for i in range(N):
+    n = _settled(demo_bundle_f32, ref_tokens[:N])
+    assert n >= 4 and len(lp.token_logprobs) >= n
+    for i in range(n):
         assert lp.token_logprobs[i] is not None
         assert abs(lp.token_logprobs[i] - chosen[i]) < TOL, (i, lp.token_logprobs[i], chosen[i])
         got = sorted(lp.top_logprobs[i].values(), reverse=True)
         # distinct ids can share a text piece (a dict key): compare the values that came back
-        assert all(min(abs(g - t) for t in tops[i]) < TOL for g in got), (i, got, tops[i])
+        assert all(min(abs(g - t) for t in tops[i]) < TOL_TOP for g in got), (i, got, tops[i])
         assert abs(got[0] - tops[i][0]) < TOL
 
 
-def test_spec_mode_reports_cloud_logprobs_for_every_settled_token(lp_edge, demo_source, chat_prompts, full_reference):
+def test_spec_mode_reports_cloud_logprobs_for_every_settled_token(lp_edge, demo_source, demo_bundle_f32, chat_prompts,
+                                                                 full_reference):
     """Spec: accepted drafts and corrections carry the cloud's values (greedy, F32: the full model's)."""
     from openai import OpenAI
 
@@ -80,5 +93,5 @@ def test_spec_mode_reports_cloud_logprobs_for_every_settled_token(lp_edge, demo_
     lp = r.choices[0].logprobs
     assert r.model_extra["fogline"].get("fallback") in (None, "")
     chosen, _ = _reference_logprobs(demo_source, prompt, ref_tokens[:N])
-    for i in range(N):
+    for i in range(_settled(demo_bundle_f32, ref_tokens[:N])):
         assert abs(lp.token_logprobs[i] - chosen[i]) < TOL, (i, lp.token_logprobs[i], chosen[i])
