@@ -71,6 +71,21 @@ def top_probs(logits: Tensor, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(a), float(b)) for a, b in zip(i.tolist(), v.tolist()))
 
 
+def token_logprobs(logits: Tensor, tokens: list[int], n: int
+                   ) -> tuple[tuple[float, ...], tuple[tuple[tuple[int, float], ...], ...]]:
+    """Rows [m, V] and the m tokens they chose -> each token's log-probability and each row's n
+    most likely (id, logprob), under the model's own distribution (temperature 1, no cuts):
+    the cloud's own numbers for OpenAI's `logprobs` / `top_logprobs`."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+    chosen = tuple(float(x) for x in lp.gather(1, idx).squeeze(1).tolist())
+    if n <= 0:
+        return chosen, tuple(() for _ in tokens)
+    v, i = torch.topk(lp, min(n, lp.shape[-1]), dim=-1)
+    tops = tuple(tuple((int(a), float(b)) for a, b in zip(ri, rv)) for ri, rv in zip(i.tolist(), v.tolist()))
+    return chosen, tops
+
+
 @dataclass(frozen=True)
 class Judgement:
     accepted: int  # leading drafts kept
@@ -83,8 +98,11 @@ def judge(logits: Tensor, draft: tuple[int, ...], sampling: Sampling, start: int
 
     Greedy: accept while the draft equals the argmax. Sampled: standard speculative
     sampling (accept d with prob min(1, p(d)/q(d)); on rejection draw from
-    norm(max(0, p - q))), exact when `draft_probs` holds the full (sparse) q the
-    edge sampled from; without it q is taken as a point mass on the draft.
+    norm(max(0, p - q))). `draft_probs[i]` is the whole support of the q the edge drew
+    draft[i] from (the edge draws from exactly that sparse q, see edge_runtime/sampling.py
+    `Sampler.draft`), so q is 0 elsewhere and both rules are exact; the protocol guarantees
+    it holds the draft token itself. Without it q is a point mass on the draft (a
+    deterministic drafter), which is exact too.
     """
     n = logits.shape[0]
     if sampling.greedy:

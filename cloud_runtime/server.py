@@ -21,7 +21,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,13 +31,14 @@ from typing import Any
 import aiohttp
 import torch
 from aiohttp import web
+from torch import Tensor
 
 from cloud_runtime.batcher import Batcher, Step
 from cloud_runtime.config import CloudConfig
 from cloud_runtime.connection import Connections, Frame
 from cloud_runtime.deep_model import DeepModel, load_deep_model
 from cloud_runtime.metrics import CloudMetrics
-from cloud_runtime.sampling import allowed_tokens, judge, masked, pick, top_probs
+from cloud_runtime.sampling import allowed_tokens, judge, masked, pick, token_logprobs, top_probs
 from cloud_runtime.sessions import SessionStore
 from fogline import __version__, sd_notify
 from fogline.aio import cancel_and_wait
@@ -175,14 +176,9 @@ class CloudRuntime:
             if isinstance(msg, Append):
                 step = Step(s, msg.start, x, "none", lambda _lg: None)
             elif isinstance(msg, Infer):
-                sampling, top_n = msg.sampling, msg.top_n
-                step = Step(s, msg.start, x, "last",
-                            lambda lg: (pick(masked(lg, allowed)[0], sampling, pos_next),
-                                        top_probs(masked(lg, allowed)[0], top_n)))
+                step = Step(s, msg.start, x, "last", _infer_answer(msg, pos_next, allowed))
             else:
-                draft, sampling, probs, start = msg.draft, msg.sampling, msg.draft_probs, msg.start
-                step = Step(s, msg.start, x, "all",
-                            lambda lg: judge(masked(lg, allowed), draft, sampling, start, probs))
+                step = Step(s, msg.start, x, "all", _verify_answer(msg, allowed))
             result = await self.batcher.submit(step)
             self.store.sync(s)
             end = msg.start + h.rows
@@ -194,11 +190,15 @@ class CloudRuntime:
             if isinstance(msg, Append):
                 return Ack(id=msg.id, session=msg.session, length=s.length) if msg.ack else None
             if isinstance(msg, Infer):
-                token, top = result
-                return TokenReply(id=msg.id, session=msg.session, token=token, length=s.length, top=top)
-            s.cache.truncate(msg.start + result.accepted + 1)
-            return Verdict(id=msg.id, session=msg.session, accepted=result.accepted, token=result.token,
-                           length=s.length)
+                token, top, lps = result
+                return TokenReply(id=msg.id, session=msg.session, token=token, length=s.length, top=top,
+                                  logprob=None if lps is None else lps[0][0],
+                                  top_logprobs=None if lps is None else lps[1][0])
+            judgement, lps = result
+            s.cache.truncate(msg.start + judgement.accepted + 1)
+            return Verdict(id=msg.id, session=msg.session, accepted=judgement.accepted, token=judgement.token,
+                           length=s.length, logprobs=None if lps is None else lps[0],
+                           top_logprobs=None if lps is None or msg.logprobs == 0 else lps[1])
 
     def _allowed(self, msg: Append | Infer | Verify) -> torch.Tensor | None:
         """Structured output: the token masks the edge sent (Infer.mask, Verify.masks) as bool [n, V]."""
@@ -223,6 +223,33 @@ class CloudRuntime:
             return True
         except TimeoutError:
             return False
+
+
+def _infer_answer(msg: Infer, pos_next: int, allowed: Tensor | None) -> Callable[[Tensor], Any]:
+    """The model-thread work of an infer: pick (among the tokens a structured-output mask
+    allows), the top-n probabilities, and (if asked) logprobs of the model's own distribution."""
+    sampling, top_n, n_lp = msg.sampling, msg.top_n, msg.logprobs
+
+    def answer(lg: Tensor) -> Any:
+        row = masked(lg, allowed)[0]
+        token = pick(row, sampling, pos_next)
+        lps = None if n_lp is None else token_logprobs(lg[:1], [token], n_lp)
+        return token, top_probs(row, top_n), lps
+    return answer
+
+
+def _verify_answer(msg: Verify, allowed: Tensor | None) -> Callable[[Tensor], Any]:
+    """The model-thread work of a verify: the judgement, and (if asked) the logprobs of the
+    tokens it settles (row i predicts start+i+1: accepted drafts, then the cloud's token)."""
+    draft, sampling, probs, start, n_lp = msg.draft, msg.sampling, msg.draft_probs, msg.start, msg.logprobs
+
+    def answer(lg: Tensor) -> Any:
+        j = judge(masked(lg, allowed), draft, sampling, start, probs)
+        lps = None
+        if n_lp is not None:
+            lps = token_logprobs(lg[:j.accepted + 1], [*draft[:j.accepted], j.token], n_lp)
+        return j, lps
+    return answer
 
 
 # --- the aiohttp websocket as a Transport --------------------------------------------

@@ -78,6 +78,8 @@ class InferResult:
     token: int
     length: int  # positions the cloud holds after this request (= position of `token`)
     top: tuple[tuple[int, float], ...] = ()  # (id, prob) of the model's most likely tokens
+    logprob: float | None = None  # the cloud's own log p(token), when asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the cloud's (id, logprob), when asked for
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class VerifyResult:
     accepted: int  # leading draft tokens the cloud agreed with
     token: int  # the cloud's token for the position after the accepted ones
     length: int  # positions the cloud holds now (= start + accepted + 1)
+    # when asked for: the cloud's own logprob / top_logprobs of the accepted drafts, then `token`
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 class CloudLink:
@@ -343,7 +348,7 @@ class CloudLink:
         return end
 
     async def infer(self, session: str, start: int, hidden: np.ndarray, sampling: Sampling = GREEDY,
-                    top_n: int = 0, mask: bytes | None = None) -> InferResult:
+                     top_n: int = 0, logprobs: int | None = None, mask: bytes | None = None) -> InferResult:
         """Send h_K of positions [start, start+n) (n >= 1) and get the token for position start+n."""
         if len(hidden) == 0:
             raise ValueError("infer needs at least one h_K row")
@@ -354,24 +359,24 @@ class CloudLink:
                                                                     h=self._encode(rows)))
         lo, rows = chunks[-1]
         reply = await self._request(lambda i: Infer(id=i, session=session, start=start + lo, h=self._encode(rows),
-                                                     sampling=sampling, top_n=top_n, mask=mask))
+                                                     sampling=sampling, top_n=top_n, logprobs=logprobs, mask=mask))
         if not isinstance(reply, TokenReply):
             raise BadFrame(f"cloud answered infer with {type(reply).__name__}")
-        return InferResult(reply.token, reply.length, reply.top)
+        return InferResult(reply.token, reply.length, reply.top, reply.logprob, reply.top_logprobs or ())
 
     async def verify(self, session: str, start: int, hidden: np.ndarray, draft: list[int] | tuple[int, ...],
                      sampling: Sampling = GREEDY,
                      draft_probs: tuple[tuple[tuple[int, float], ...], ...] | None = None,
-                     masks: tuple[bytes, ...] | None = None) -> VerifyResult:
+                     logprobs: int | None = None, masks: tuple[bytes, ...] | None = None) -> VerifyResult:
         """rows = h_K of positions [start, start+n); draft[i] proposes position start+i+1 (n-1 drafts)."""
         if len(draft) != len(hidden) - 1:
             raise ValueError(f"{len(draft)} drafts for {len(hidden)} rows; need rows - 1")
         reply = await self._request(lambda i: Verify(id=i, session=session, start=start, h=self._encode(hidden),
                                                      draft=tuple(int(t) for t in draft), sampling=sampling,
-                                                     draft_probs=draft_probs, masks=masks))
+                                                     draft_probs=draft_probs, logprobs=logprobs, masks=masks))
         if not isinstance(reply, Verdict):
             raise BadFrame(f"cloud answered verify with {type(reply).__name__}")
-        return VerifyResult(reply.accepted, reply.token, reply.length)
+        return VerifyResult(reply.accepted, reply.token, reply.length, reply.logprobs, reply.top_logprobs)
 
     async def truncate(self, session: str, length: int) -> int:
         reply = await self._request(lambda i: Truncate(id=i, session=session, length=length))

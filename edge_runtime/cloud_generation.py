@@ -161,13 +161,13 @@ class CloudSession:
         self.cloud_len = target
 
     async def infer(self, rows: np.ndarray, sampling: Sampling = GREEDY, top_n: int = 0,
-                    mask: bytes | None = None) -> InferResult:
+                    logprobs: int | None = None, mask: bytes | None = None) -> InferResult:
         """Record h_K of the next positions and get the token that follows them."""
         self.record(rows)
 
         async def call() -> InferResult:
             return await self.link.infer(self.sid, self.cloud_len, self.rows(self.cloud_len, self.n, rows), sampling,
-                                         top_n, mask=mask)
+                                         top_n, logprobs, mask=mask)
 
         res = await self._retrying(call)
         self.cloud_len = res.length
@@ -188,7 +188,8 @@ class CloudSession:
             await self._resync(e.expected if e.expected is not None else 0)
 
     async def verify(self, rows: np.ndarray, draft: Sequence[int], sampling: Sampling = GREEDY,
-                     draft_probs: Any = None, masks: tuple[bytes, ...] | None = None) -> VerifyResult:
+                     draft_probs: Any = None, logprobs: int | None = None,
+                     masks: tuple[bytes, ...] | None = None) -> VerifyResult:
         """rows: h_K of positions [n, n+len(rows)); draft[i] proposes position n+i+1.
 
         After the verdict the edge and the cloud both hold `result.length` positions; the
@@ -203,7 +204,7 @@ class CloudSession:
             elif self.cloud_len > start:
                 self.cloud_len = await self.link.truncate(self.sid, start)
             return await self.link.verify(self.sid, start, self.rows(start, self.n, rows), draft, sampling,
-                                          draft_probs, masks=masks)
+                                          draft_probs, logprobs, masks=masks)
 
         res = await self._retrying(call)
         self.n = self.cloud_len = res.length

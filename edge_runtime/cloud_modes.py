@@ -23,26 +23,25 @@ the engine produced them.
   truncates past the accepted prefix itself.
 
   Sampling (temperature > 0), exactly how it is done:
-    1. the edge draws each draft d_i with its sampler (exit head logits, logit bias and
-       penalties, temperature T, top-k, top-p, banned EOS under ignore_eos) and attaches the
-       sparse q_i: the `DRAFT_TOP` (= 32) most likely tokens of softmax(adjusted logits / T)
-       with their probabilities, not renormalised (they sum to <= 1). Note q_i reflects
-       temperature only: the sampler's top-k / top-p / banned-token filtering is not applied
-       to the q that is sent (exact with the defaults top_k=0, top_p=1 and no banned token);
+    1. the edge draws each draft d_i from a sparse q_i and sends q_i whole: q_i is its sampler's
+       distribution (exit head logits, logit bias and penalties, banned EOS under ignore_eos,
+       temperature T, top-k, top-p) cut to its `DRAFT_TOP` (= 32) most likely ids and
+       renormalised (edge_runtime/sampling.py `Sampler.draft`). q_i is 0 on every other id,
+       and the drafted token is always in it with its own q_i(d_i) > 0 (the protocol refuses a
+       verify whose q lacks its draft);
     2. the cloud computes p_i (temperature, top-k, top-p applied to the deep logits; see
-       cloud_runtime/sampling.py `judge`), rebuilds q_i as a dense vector that is zero outside
-       those 32 entries, and accepts d_i with probability min(1, p_i(d_i) / q_i(d_i)) using a
-       uniform draw keyed by (seed, position);
-    3. on the first rejection it samples the correction from norm(max(0, p_i − q_i)) (falling
-       back to p_i if that residual is all zero) with the same keyed generator, and the block
-       ends; if every draft is accepted the bonus token is sampled from p at the next position.
-  This is PicoSpec's residual rule computed at the cloud, where p is (one message less than
-  shipping p's top-k to the edge). It is exact — the output distributed as the full model's
-  — only up to the truncation of q to its top 32 entries: outside them q is taken as 0, so
-  the residual there is p itself rather than max(0, p − q). Tokens outside the edge's top 32
-  are never drafted, but their q-mass (at most 1 − Σ top-32) is missing from the residual's
-  subtraction, which over-weights them by at most that mass; with the exit head's usually
-  peaked q the error is small, not zero.
+       cloud_runtime/sampling.py `judge`), rebuilds q_i as a dense vector and accepts d_i with
+       probability min(1, p_i(d_i) / q_i(d_i)) using a uniform draw keyed by (seed, position);
+    3. on the first rejection it samples the correction from norm(max(0, p_i − q_i)) with the
+       same keyed generator, and the block ends; if every draft is accepted the bonus token is
+       sampled from p at the next position.
+  Speculative sampling's output is distributed as p for *any* draft distribution the verifier
+  knows exactly; drawing from the truncated q (instead of the full exit-head distribution, of
+  which only the top entries could travel) makes the q the cloud uses the true one, so the
+  rule is exact, not an approximation: every output token is distributed as the exported split
+  model's p (tests/test_spec_exact.py measures it against cloud-mode sampling). The cost: ≤ 32
+  (id, prob) pairs per draft in the verify frame; the price of the cut is only acceptance
+  (q misses the exit head's tail), never correctness.
 
   Reproducibility: with a seed, the edge sampler's stream and the cloud's position-keyed
   draws are deterministic, but block boundaries are not if γ adapts to measured timings and
@@ -493,15 +492,16 @@ class _CloudSource:
         rid, params = step.request.request_id, step.request.params
         sampling = wire_sampling(params)
         mask = pack_mask(step.mask) if step.mask is not None else None  # structured output
+        n_lp = params.top_logprobs if params.logprobs else 0
 
         async def run() -> None:
-            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1, mask=mask))
+            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1, logprobs=n_lp, mask=mask))
             if res is None or st.failed:
                 return
-            p = next((pr for t, pr in res.top if t == res.token), None)
             conf = res.top[0][1] if res.top else 0.0
-            lp = math.log(p) if p else 0.0
-            self.engine.deliver(rid, TokenChoice(res.token, lp, conf, origin="cloud"))
+            # the cloud's own log p(token) and top-n (deep model, temperature 1); null if it sent none
+            self.engine.deliver(rid, TokenChoice(res.token, res.logprob, conf, res.top_logprobs[:n_lp],
+                                                 origin="cloud"))
 
         self._spawn(step, st, "infer", run)
 
@@ -588,12 +588,10 @@ class SpecSource(_CloudSource):
         return None  # park until the verdict
 
     def _draft(self, step: ExitStep, st: _Req, choice: TokenChoice) -> Draft:
-        if step.request.params.temperature > 0:
-            z = step.sampler.adjusted(step.logits).astype(np.float64) / step.request.params.temperature
-            top = np.argpartition(-z, DRAFT_TOP)[:DRAFT_TOP]
-            e = np.exp(z - z.max())
-            pr = e[top] / e.sum()
-            st.q[step.position] = tuple((int(t), float(x)) for t, x in zip(top, pr))
+        params = step.request.params
+        if params.temperature > 0 and params.top_k != 1:  # sampled: draw from the q that travels whole
+            banned = self._eog if params.ignore_eos else ()
+            choice, st.q[step.position] = step.sampler.draft(step.logits, banned, DRAFT_TOP)
         return Draft(choice)
 
     def _remaining(self, step: ExitStep) -> int:
@@ -612,9 +610,11 @@ class SpecSource(_CloudSource):
         draft = list(step.tokens[start:P])
         rid, stats, params = step.request.request_id, step.stats, step.request.params
         sampling = wire_sampling(params)
+        n_lp = params.top_logprobs if params.logprobs else 0
         probs = None
         if not sampling.greedy:
-            probs = tuple(st.q.pop(p, ()) for p in range(start, P))
+            # a draft with no recorded q was picked deterministically (top_k=1): q is a point mass on it
+            probs = tuple(st.q.pop(p, None) or ((int(d), 1.0),) for p, d in zip(range(start, P), draft))
         masks = None
         if st.masks:  # structured output: one mask per judged position, start..P
             masks = tuple(st.masks.pop(p, b"") for p in range(start, P + 1))  # b"": refused by the cloud
@@ -625,7 +625,7 @@ class SpecSource(_CloudSource):
         async def exchange() -> Any:
             if catch is not None:
                 st.cs.record(catch)
-            return await st.cs.verify(rows, draft, sampling, probs, masks)
+            return await st.cs.verify(rows, draft, sampling, probs, logprobs=n_lp, masks=masks)
 
         async def run() -> None:
             res = await self._exchange(st, exchange)
@@ -643,8 +643,14 @@ class SpecSource(_CloudSource):
                     st.gamma = (min(gamma_max, st.gamma + 1) if res.accepted == len(draft)
                                 else max(1, res.accepted + 1))
 
-            self.engine.deliver_verdict(rid, start, res.accepted, TokenChoice(res.token, 0.0, 0.0, origin="cloud"),
-                                        applied)
+            lps, tops = res.logprobs, res.top_logprobs
+            cloud_lp = None  # the cloud's own (logprob, top) of each settled token; null if it sent none
+            if lps is not None and len(lps) == res.accepted + 1:
+                cloud_lp = [(lp, tops[i] if tops else ()) for i, lp in enumerate(lps)]
+            last_lp, last_top = cloud_lp[-1] if cloud_lp else (None, ())
+            self.engine.deliver_verdict(rid, start, res.accepted,
+                                        TokenChoice(res.token, last_lp, 0.0, last_top, origin="cloud"),
+                                        applied, draft_logprobs=cloud_lp[:-1] if cloud_lp else None)
 
         self._spawn(step, st, "verify", run)
 

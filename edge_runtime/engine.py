@@ -26,7 +26,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -336,14 +336,18 @@ class Engine:
             self._lock.notify()
 
     def deliver_verdict(self, request_id: str, start: int, accepted: int, correction: TokenChoice,
-                        applied: Callable[[], None] | None = None) -> None:
+                        applied: Callable[[], None] | None = None,
+                        draft_logprobs: Sequence[tuple[float | None, tuple[tuple[int, float], ...]]] | None = None
+                        ) -> None:
         """Settle the held drafts from position `start`: emit the first `accepted`, then the cloud's
         `correction` for position start+accepted. A held draft there equal to the correction is kept
         (with everything drafted after it: the pipelined next block); otherwise the edge rolls back
         exactly — KV cells, tokens, h_K rows — and continues from the correction. `applied` runs on
-        the engine thread once this is done (a source syncs its own state there)."""
+        the engine thread once this is done (a source syncs its own state there). `draft_logprobs`:
+        the verifier's own (logprob, top_logprobs) of the accepted drafts, reported instead of the
+        edge's (an accepted draft is a token of the deep model's distribution)."""
         def apply(seq: _Sequence) -> None:
-            self._apply_verdict(seq, start, accepted, correction, applied)
+            self._apply_verdict(seq, start, accepted, correction, applied, draft_logprobs)
         self._queue_control(request_id, apply, None)
 
     def fall_back(self, request_id: str, reason: str, applied: Callable[[], None] | None = None, *,
@@ -591,7 +595,9 @@ class Engine:
             self._accept(seq, choice)
 
     def _apply_verdict(self, seq: _Sequence, start: int, accepted: int, correction: TokenChoice,
-                       applied: Callable[[], None] | None = None) -> None:
+                       applied: Callable[[], None] | None = None,
+                       draft_logprobs: Sequence[tuple[float | None, tuple[tuple[int, float], ...]]] | None = None
+                       ) -> None:
         """`applied` runs once the verdict is settled and before the source is asked to decide
         again: a source that re-decides while it still believes a verdict is in flight parks forever."""
         rid = seq.req.request_id
@@ -612,6 +618,8 @@ class Engine:
                 seq.hidden.truncate(cut)
         if applied is not None:
             applied()
+        if draft_logprobs is not None and len(draft_logprobs) == len(emit):
+            emit = [replace(c, logprob=lp, top_logprobs=top) for c, (lp, top) in zip(emit, draft_logprobs)]
         for ch in [replace(c, origin="draft") for c in emit] + ([correction] if keep else []):
             self._accept(seq, ch, append=False)
             if rid not in self._running:

@@ -54,7 +54,9 @@ class TokenChoice:
     """A token picked for one position, and by whom."""
 
     token: int
-    logprob: float  # log p(token) under the model's distribution
+    # log p(token) under the distribution of whoever produced it (edge exit head, or the
+    # cloud's deep layers); None where no value is known (reported as null, never 0.0)
+    logprob: float | None
     confidence: float  # max probability of that distribution
     top_logprobs: tuple[tuple[int, float], ...] = ()
     origin: str = "edge"  # "edge" (exit head), "cloud" (deep layers), "draft" (an edge draft the cloud accepted)
@@ -115,6 +117,10 @@ class Sampler:
             token = int(np.argmax(z))
         else:
             token = self._draw(z / np.float32(p.temperature))
+        return self._choice(logits, token, m, lse)
+
+    def _choice(self, logits: np.ndarray, token: int, m: float, lse: float) -> TokenChoice:
+        p = self.params
         top: tuple[tuple[int, float], ...] = ()
         if p.logprobs and p.top_logprobs:
             k = p.top_logprobs
@@ -123,6 +129,41 @@ class Sampler:
             top = tuple((int(i), float(logits[i]) - lse) for i in idx)
         return TokenChoice(token=token, logprob=float(logits[token]) - lse,
                            confidence=float(np.exp(m - lse)), top_logprobs=top)
+
+    def draft(self, logits: np.ndarray, banned: tuple[int, ...] = (), width: int = 32
+              ) -> tuple[TokenChoice, tuple[tuple[int, float], ...]]:
+        """A spec-mode draft for a sampled request: (the choice, q) where q is the *whole*
+        distribution the token was drawn from, as (id, prob) over at most `width` ids.
+
+        Speculative sampling is exact for any draft distribution the verifier knows exactly,
+        so the edge draws from a sparse q it can ship whole rather than from its full
+        distribution, of which only the top entries would travel: q is the sampler's own
+        distribution (logit_bias, penalties, banned ids, temperature, top-k, top-p) cut to its
+        `width` most likely ids and renormalised. The cloud then computes min(1, p/q) and
+        norm(max(0, p - q)) with the true q (0 off its support)."""
+        p = self.params
+        m, lse = log_normalizer(logits)
+        z = self.adjusted(logits)
+        if banned:
+            z = z if z is not logits else z.copy()
+            z[list(banned)] = -np.inf
+        z = z.astype(np.float64) / max(p.temperature, 1e-6)
+        n = z.shape[0]
+        zmax = float(z.max())
+        k = min(width, n, p.top_k) if p.top_k > 0 else min(width, n)
+        pool = np.argpartition(-z, k - 1)[:k] if k < n else np.arange(n)
+        pool = pool[np.argsort(-z[pool], kind="stable")]
+        w = np.exp(z[pool] - zmax)
+        if p.top_p < 1.0:  # the nucleus as _draw cuts it: mass relative to the top-k pool, or to all ids
+            total = float(w.sum()) if 0 < p.top_k <= width else float(np.exp(z - zmax).sum())
+            keep = min(int(np.searchsorted(np.cumsum(w) / total, p.top_p, side="left")) + 1, len(pool))
+            pool, w = pool[:keep], w[:keep]
+        live = w > 0
+        pool, w = pool[live], w[live]
+        q = w / w.sum()
+        i = int(np.searchsorted(np.cumsum(q), self.rng.random(), side="right"))
+        token = int(pool[min(i, len(pool) - 1)])
+        return self._choice(logits, token, m, lse), tuple((int(t), float(x)) for t, x in zip(pool, q))
 
     def _draw(self, z: np.ndarray) -> int:
         """Sample from softmax(z) restricted by top_k, then by top_p (nucleus)."""

@@ -195,3 +195,23 @@ def test_wire_and_client_import_without_torch(python_exe, subprocess_env):
 
 def test_codec_enum_is_what_frames_carry():
     assert {c.value for c in Codec} == {"fp32", "fp16", "int8"}
+
+
+def test_logprob_fields_round_trip_and_a_q_without_its_draft_is_refused():
+    """Issue 12: cloud logprobs travel in token/verdict; a verify's q must hold its own draft."""
+    from fogline.wire.protocol import TokenReply, Verdict, Verify
+
+    for m in (Infer(id=2, session="s", start=0, h=H, logprobs=3),
+              Verify(id=4, session="s", start=0, h=H, draft=(5, 6), logprobs=0,
+                     sampling=Sampling(1.0), draft_probs=(((5, 0.5),), ((6, 1.0),))),
+              TokenReply(id=2, session="s", token=4, length=1, logprob=-0.25, top_logprobs=((4, -0.25),)),
+              Verdict(id=4, session="s", accepted=1, token=3, length=2, logprobs=(-0.5, -1.0),
+                      top_logprobs=(((5, -0.5),), ((3, -1.0),)))):
+        assert decode_frame(encode_frame(m)) == m
+    bad = Verify(id=4, session="s", start=0, h=H, draft=(5, 6), sampling=Sampling(1.0),
+                 draft_probs=(((7, 0.5),), ((6, 1.0),)))
+    with pytest.raises(BadFrame, match="draft token 5"):
+        decode_frame(encode_frame(bad))
+    short = Verdict(id=4, session="s", accepted=1, token=3, length=2, logprobs=(-0.5,))
+    with pytest.raises(BadFrame):
+        decode_frame(encode_frame(short))

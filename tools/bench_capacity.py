@@ -30,9 +30,7 @@ import asyncio
 import importlib.util
 import json
 import os
-import re
 import socket
-import statistics
 import subprocess
 import sys
 import threading

@@ -137,6 +137,10 @@ class Infer(Message):
     h: HiddenFrame
     sampling: Sampling = GREEDY
     top_n: int = 0  # also return the n most likely (id, prob)
+    # Also return the chosen token's log-probability and the n most likely (id, logprob) under
+    # the deep model's own distribution (temperature 1): what OpenAI's `logprobs` reports.
+    # None: not asked (nothing extra travels).
+    logprobs: int | None = None
     # structured output: the allowed tokens of position start+rows (fogline/constraint.py's
     # zlib-compressed bitmask); the cloud chooses among them only
     mask: bytes | None = None
@@ -152,10 +156,13 @@ class Verify(Message):
     h: HiddenFrame
     draft: tuple[int, ...]
     sampling: Sampling = GREEDY
-    # For sampled verification: per draft position, the edge's (sparse) distribution it
-    # sampled the draft from, as ((token, prob), ...). Needed for distribution-exact
-    # speculative sampling; ignored when greedy.
+    # For sampled verification: per draft position, the distribution q the edge drew the draft
+    # from, as ((token, prob), ...), its whole support (q is 0 on every other id). Each entry
+    # must hold its draft token with q > 0: accept/residual (min(1, p/q), norm(max(0, p - q)))
+    # are then exact. Ignored when greedy.
     draft_probs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    # As Infer.logprobs, for every token the verdict settles (accepted drafts, then `token`).
+    logprobs: int | None = None
     # structured output: masks[i] = allowed tokens of position start+i+1 (one per row), the
     # mask the edge drafted that position under; the cloud judges each prefix with it
     masks: tuple[bytes, ...] | None = None
@@ -224,6 +231,8 @@ class TokenReply(Message):
     token: int
     length: int
     top: tuple[tuple[int, float], ...] = ()
+    logprob: float | None = None  # only when the infer asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +243,9 @@ class Verdict(Message):
     accepted: int
     token: int
     length: int
+    # Only when the verify asked for logprobs: accepted + 1 entries, the accepted drafts then `token`.
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +410,22 @@ class _Reader:
             out.append((p[0], float(p[1])))
         return tuple(out)
 
+    def logprob(self, v: Any, where: str) -> float:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v <= 1e-6):
+            raise BadFrame(f"{where} must be a finite log-probability (<= 0)")
+        return min(float(v), 0.0)
+
+    def logprob_pairs(self, items: Any, where: str) -> tuple[tuple[int, float], ...]:
+        if not isinstance(items, list) or len(items) > MAX_TOP_N:
+            raise BadFrame(f"{where} must be a list of at most {MAX_TOP_N} [token, logprob] pairs")
+        out = []
+        for p in items:
+            if (not isinstance(p, list) or len(p) != 2 or not isinstance(p[0], int) or isinstance(p[0], bool)
+                    or not 0 <= p[0] < (1 << 31)):
+                raise BadFrame(f"{where} must be a list of [token, logprob] pairs")
+            out.append((p[0], self.logprob(p[1], where)))
+        return tuple(out)
+
 
 def _parse(kind: str, r: _Reader) -> Message:
     if kind == "hello":
@@ -414,7 +442,7 @@ def _parse(kind: str, r: _Reader) -> Message:
     if kind == "infer":
         return Infer(id=r.int("id"), session=r.session(), start=r.int("start", 0, MAX_POSITION),
                      h=r.hidden(), sampling=r.sampling(), top_n=r.int("top_n", 0, MAX_TOP_N, default=0),
-                     mask=r.bytes("mask", default=None))
+                     logprobs=r.int("logprobs", 0, MAX_TOP_N, default=None), mask=r.bytes("mask", default=None))
     if kind == "verify":
         req_id, session, start, h = r.int("id"), r.session(), r.int("start", 0, MAX_POSITION), r.hidden()
         draft = r.ints("draft", MAX_DRAFT)
@@ -426,11 +454,15 @@ def _parse(kind: str, r: _Reader) -> Message:
             if len(probs_raw) != len(draft):
                 raise BadFrame("verify.draft_probs must have one entry per draft token")
             probs = tuple(r.pairs(p, "verify.draft_probs[i]", 4096) for p in probs_raw)
+            for i, (d, q) in enumerate(zip(draft, probs)):
+                if not any(t == d and x > 0 for t, x in q):
+                    raise BadFrame(f"verify.draft_probs[{i}] must give draft token {d} its probability (> 0)")
         masks_raw = r.list("masks", MAX_DRAFT + 1, default=None)
         if masks_raw is not None and (len(masks_raw) != h.rows or not all(isinstance(m, bytes) for m in masks_raw)):
             raise BadFrame("verify.masks must be one token mask (bytes) per row")
         return Verify(id=req_id, session=session, start=start, h=h, draft=draft, sampling=r.sampling(),
-                      draft_probs=probs, masks=None if masks_raw is None else tuple(masks_raw))
+                      draft_probs=probs, logprobs=r.int("logprobs", 0, MAX_TOP_N, default=None),
+                      masks=None if masks_raw is None else tuple(masks_raw))
     if kind == "truncate":
         return Truncate(id=r.int("id"), session=r.session(), length=r.int("length", 0, MAX_POSITION))
     if kind == "close":
@@ -455,10 +487,22 @@ def _parse(kind: str, r: _Reader) -> Message:
     if kind == "token":
         return TokenReply(id=r.int("id"), session=r.session(), token=r.int("token", 0, 1 << 31),
                           length=r.int("length", 0, MAX_POSITION),
-                          top=r.pairs(r.list("top", MAX_TOP_N, default=[]), "token.top", MAX_TOP_N))
+                          top=r.pairs(r.list("top", MAX_TOP_N, default=[]), "token.top", MAX_TOP_N),
+                          logprob=None if r.d.get("logprob") is None else r.logprob(r.d["logprob"], "token.logprob"),
+                          top_logprobs=None if r.d.get("top_logprobs") is None
+                          else r.logprob_pairs(r.d["top_logprobs"], "token.top_logprobs"))
     if kind == "verdict":
-        return Verdict(id=r.int("id"), session=r.session(), accepted=r.int("accepted", 0, MAX_DRAFT),
-                       token=r.int("token", 0, 1 << 31), length=r.int("length", 0, MAX_POSITION))
+        accepted = r.int("accepted", 0, MAX_DRAFT)
+        lps = tops = None
+        if r.d.get("logprobs") is not None:
+            lps = tuple(r.logprob(v, "verdict.logprobs[i]") for v in r.list("logprobs", accepted + 1))
+            tops = tuple(r.logprob_pairs(t, "verdict.top_logprobs[i]")
+                         for t in r.list("top_logprobs", accepted + 1, default=[]))
+            if len(lps) != accepted + 1 or len(tops) not in (0, accepted + 1):
+                raise BadFrame("verdict.logprobs / top_logprobs need one entry per settled token (accepted + 1)")
+        return Verdict(id=r.int("id"), session=r.session(), accepted=accepted,
+                       token=r.int("token", 0, 1 << 31), length=r.int("length", 0, MAX_POSITION),
+                       logprobs=lps, top_logprobs=tops or None)
     if kind == "pong":
         return Pong(id=r.int("id"), stamp=r.float("stamp", -1e300, 1e300, default=0.0))
     if kind == "error":
