@@ -568,6 +568,8 @@ class SpecSource(_CloudSource):
         now = time.monotonic()
         if st.t_last and step.held:
             st.t_draft = (now - st.t_last) if not st.t_draft else 0.8 * st.t_draft + 0.2 * (now - st.t_last)
+            step.stats.draft_s += now - st.t_last
+            step.stats.draft_steps += 1
         st.t_last = now
         P, held = step.position, step.held
         params = step.request.params
@@ -588,6 +590,7 @@ class SpecSource(_CloudSource):
         return None  # park until the verdict
 
     def _draft(self, step: ExitStep, st: _Req, choice: TokenChoice) -> Draft:
+        step.stats.mark("draft", step.position)
         params = step.request.params
         if params.temperature > 0 and params.top_k != 1:  # sampled: draw from the q that travels whole
             banned = self._eog if params.ignore_eos else ()
@@ -625,7 +628,13 @@ class SpecSource(_CloudSource):
         async def exchange() -> Any:
             if catch is not None:
                 st.cs.record(catch)
-            return await st.cs.verify(rows, draft, sampling, probs, logprobs=n_lp, masks=masks)
+            stats.mark("verify_sent", len(draft))
+            t = time.monotonic()
+            res = await st.cs.verify(rows, draft, sampling, probs, logprobs=n_lp, masks=masks)
+            stats.verify_s += time.monotonic() - t
+            stats.verifies += 1
+            stats.mark("verdict", res.accepted)
+            return res
 
         async def run() -> None:
             res = await self._exchange(st, exchange)

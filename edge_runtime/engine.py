@@ -57,6 +57,7 @@ class GenerationRequest:
     tau: float | None = None  # collab threshold asked by the request (None: the source's default)
     gamma: int | None = None  # spec draft length for this request (auto's spec@γ; None: the source's default)
     constraint: Constraint | None = None  # structured output: this request's grammar matcher (fogline/constraint.py)
+    timeline: bool = False  # record per-event timestamps (spec) into the stats; off by default: costs nothing
 
 
 @dataclass
@@ -79,6 +80,20 @@ class FoglineStats:
     # each time the request left the cloud: {at_token, reason, rejoined_at_token (None: never came back)};
     # token counts are completion tokens emitted before that moment
     fallbacks: list[dict[str, object]] = field(default_factory=list)
+    # spec timing (always counted, cheap): edge seconds spent drafting (sum of step intervals while a
+    # block is held), drafted steps timed, verify round trips (send -> verdict) summed and counted
+    draft_s: float = 0.0
+    draft_steps: int = 0
+    verify_s: float = 0.0
+    verifies: int = 0
+    # the request asked for a timeline: [event, seconds since request start, detail]; None: not recorded
+    timeline: list[list[object]] | None = None
+    t0: float = field(default_factory=time.monotonic)
+
+    def mark(self, event: str, detail: object = None) -> None:
+        """Append a timeline event when the request asked for one (a no-op otherwise)."""
+        if self.timeline is not None:
+            self.timeline.append([event, round(time.monotonic() - self.t0, 6), detail])
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"mode": self.mode, "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
@@ -88,6 +103,12 @@ class FoglineStats:
             d["auto"] = self.auto
         if self.fallbacks:
             d["fallbacks"] = [dict(f) for f in self.fallbacks]
+        if self.verifies:  # spec: what the pipeline bound needs (bench_collab)
+            d["spec"] = {"drafted": self.drafted, "accepted": self.accepted, "verifies": self.verifies,
+                         "verify_s": round(self.verify_s, 6), "draft_s": round(self.draft_s, 6),
+                         "draft_steps": self.draft_steps}
+        if self.timeline is not None:
+            d["timeline"] = self.timeline
         return d
 
 
@@ -522,7 +543,7 @@ class Engine:
                 hidden.append(cache.hidden.view(0, reuse))
         seq = _Sequence(req=req, emit=w.emit, slot=slot, source=self._sources[mode],
                         sampler=Sampler(req.params, self.model.n_vocab),
-                        stats=FoglineStats(mode=mode, fallback=fallback),
+                        stats=FoglineStats(mode=mode, fallback=fallback, timeline=[] if req.timeline else None),
                         max_new=self.check_fits(len(req.prompt), req.params.max_tokens),
                         tokens=list(req.prompt), stopper=StopMatcher(req.params.stop), hidden=hidden,
                         n_past=reuse)
@@ -610,6 +631,7 @@ class Engine:
         keep = accepted < len(seq.held) and seq.held[accepted].token == correction.token
         emit, seq.held = seq.held[:accepted], seq.held[accepted + 1:] if keep else []
         cut = start + accepted  # the correction's position
+        seq.stats.mark("kept" if keep else "rolled_back", accepted)
         if not keep:
             del seq.tokens[cut:]
             seq.n_past = min(seq.n_past, cut)
@@ -657,6 +679,7 @@ class Engine:
         tok = choice.token
         seq.sampler.observe(tok)
         seq.n_generated += 1
+        seq.stats.mark("token", choice.origin)
         if choice.origin == "cloud":
             seq.stats.cloud_tokens += 1
         else:

@@ -38,6 +38,7 @@ class ApiRequest:
     mode: str = "edge"
     tau: float | None = None  # fogline_tau: collab confidence threshold for this request
     slo_ms: float | None = None  # fogline_slo_ms: auto's per-token latency target (None: config slo_ms)
+    timeline: bool = False  # fogline_timeline: per-event spec timestamps in the `fogline` stats (off: no cost)
     messages: list[dict[str, Any]] | None = None  # chat
     prompt_text: str | None = None  # completions, text prompt
     prompt_tokens: list[int] | None = None  # completions, token prompt
@@ -180,7 +181,8 @@ def _common(body: Any, kind: Kind, n_vocab: int, default_mode: str) -> tuple[dic
     slo: float | None = _get_number(body, "fogline_slo_ms", -1.0, 0.001, 3_600_000.0)
     slo = None if slo is None or slo < 0 else slo
     return body, dict(kind=kind, model=model, params=params, stream=stream, include_usage=include_usage, mode=mode,
-                      tau=tau, slo_ms=slo, response_schema=response_schema)
+                      tau=tau, slo_ms=slo, response_schema=response_schema,
+                      timeline=_get_bool(body, "fogline_timeline"))
 
 
 def parse_chat(body: Any, *, n_vocab: int, default_mode: str) -> ApiRequest:

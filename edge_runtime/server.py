@@ -315,7 +315,7 @@ async def _submitted(request: web.Request, rt: EdgeRuntime, api: ApiRequest, t0:
     capture = mode in ("collab", "spec", "cloud") and request.app[RUNTIME].bridge is not None
     constraint = await _constraint(rt, api)
     rt.engine.submit(GenerationRequest(gen.rid, prompt, api.params, mode, capture_hidden=capture, tau=tau,
-                                       gamma=gamma, constraint=constraint), gen.events.emit)
+                                       gamma=gamma, constraint=constraint, timeline=api.timeline), gen.events.emit)
     m.prompt_tokens.inc(len(prompt))
     finished = False
     try:

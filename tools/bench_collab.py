@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--tau", type=float, default=None, help="collab τ (default: the bundle's calibrated one)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--timeline", default=None,
+                    help="write the per-event timeline of the first spec request per RTT (JSON) here")
     ap.add_argument("--source", default="demo", help="the bundle's source model, for the cloud-only baseline")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -122,6 +124,7 @@ def main() -> int:
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     results: dict[str, dict[str, dict[str, float]]] = {}
+    timelines: dict[str, dict[str, object]] = {}
     try:
         for rtt in [float(x) for x in args.rtt.split(",")]:
             wan = asyncio.run_coroutine_threadsafe(
@@ -140,6 +143,7 @@ def main() -> int:
                 results[str(int(rtt))] = per = {}
                 for mode in MODES:
                     walls, ttfts, itls, edge_t, gen, rts = [], [], [], 0, 0, 0
+                    specs, decode_s, decode_n = [], 0.0, 0
                     b0 = wan.stats.bytes_up + wan.stats.bytes_down
                     p0 = _metric(cport, "fogline_cloud_positions_total")
                     cpu0 = sum(cproc.cpu_times()[:2])
@@ -148,6 +152,8 @@ def main() -> int:
                         extra = {"mode": mode, "ignore_eos": True}
                         if args.tau is not None:
                             extra["fogline_tau"] = args.tau
+                        if mode == "spec" and prompt == PROMPTS[0]:
+                            extra["fogline_timeline"] = True
                         t0 = time.monotonic()
                         stamps, text, stats = [], "", {}
                         for ch in client.chat.completions.create(
@@ -168,6 +174,14 @@ def main() -> int:
                         gen += n
                         rts += stats.get("cloud_round_trips", 0)
                         texts[mode].append(text)
+                        if "spec" in stats:
+                            specs.append(stats["spec"])
+                        if len(stamps) > 1 and n > 1:  # decode time per token, first token excluded
+                            decode_s += stamps[-1] - stamps[0]
+                            decode_n += n - 1
+                        if "timeline" in stats:
+                            timelines[str(int(rtt))] = {"events": stats["timeline"],
+                                                        "summary": _timeline_summary(stats["timeline"], rtt / 1000)}
                     gen = max(gen, 1)
                     per[mode] = {
                         "wall_s": _median(walls), "ttft_s": _median(ttfts),
@@ -176,6 +190,8 @@ def main() -> int:
                         "cloud_cpu_s_per_tok": (sum(cproc.cpu_times()[:2]) - cpu0) / gen,
                         "wire_bytes_per_tok": (wan.stats.bytes_up + wan.stats.bytes_down - b0) / gen,
                         "round_trips_per_tok": rts / gen}
+                    if mode == "spec":
+                        per[mode].update(_spec_bound(specs, rtt / 1000, decode_s / max(decode_n, 1)))
                 # the two baselines, each through its own emulated link of the same shape
                 fwan = asyncio.run_coroutine_threadsafe(
                     WanEmulator(("127.0.0.1", fport), LinkShape(delay_ms=rtt / 2, mbit=args.mbit)).start(),
@@ -200,11 +216,14 @@ def main() -> int:
                 edge.stop()
                 asyncio.run_coroutine_threadsafe(wan.close(), loop).result()
             _print_table(rtt, args.mbit, per)
+            _print_bound(per["spec"], timelines.get(str(int(rtt)), {}).get("summary"))
     finally:
         naive.close(loop)
         for p in (cloud, full):
             p.terminate()
             p.wait()
+    if args.timeline:
+        Path(args.timeline).write_text(json.dumps(timelines, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
         print("figure:", plots.latency_vs_rtt(results, Path(args.json).with_suffix(".png"), args.mbit))
@@ -300,6 +319,59 @@ class _NaiveSplit:
             asyncio.run_coroutine_threadsafe(self.link.close(), loop).result()
         self.ctx.close()
         self.model.close()
+
+
+def _spec_bound(specs: list[dict], rtt_s: float, per_tok_s: float) -> dict[str, float]:
+    """The spec pipeline bound from the run's own measurements (the edge's `spec` stats):
+    max(γ·t_draft, RTT + t_verify) / tokens per cycle, where γ = drafts per verify, t_draft = edge
+    seconds per drafted step, RTT + t_verify = the verify's measured round trip (send -> verdict;
+    t_verify = that minus the emulated RTT), tokens per cycle = accepted + 1 per verify."""
+    v = sum(s["verifies"] for s in specs)
+    if not v:
+        return {"bound_ratio": float("nan")}
+    gamma = sum(s["drafted"] for s in specs) / v
+    t_draft = sum(s["draft_s"] for s in specs) / max(sum(s["draft_steps"] for s in specs), 1)
+    verify_rt = sum(s["verify_s"] for s in specs) / v
+    per_cycle = (sum(s["accepted"] for s in specs) + v) / v
+    bound = max(gamma * t_draft, verify_rt) / per_cycle
+    return {"spec_ms_per_tok": 1000 * per_tok_s, "bound_ms_per_tok": 1000 * bound,
+            "bound_ratio": per_tok_s / bound, "gamma": gamma, "t_draft_ms": 1000 * t_draft,
+            "t_verify_ms": 1000 * (verify_rt - rtt_s), "tokens_per_cycle": per_cycle}
+
+
+def _timeline_summary(events: list, rtt_s: float) -> dict[str, float]:
+    """Where one spec request's time goes, from its event timeline ([event, t, detail]): verify round
+    trip beyond the RTT (cloud batch window + deep layers + serialisation), verdict -> applied on the
+    edge (engine wake-up), and time the edge sat idle waiting on a verdict (no draft in flight)."""
+    sent, rt, wake, idle = None, [], [], 0.0
+    last_draft, verdict_t = 0.0, None
+    for ev, t, _ in events:
+        if ev == "draft":
+            last_draft = t
+        elif ev == "verify_sent":
+            sent = t
+        elif ev == "verdict" and sent is not None:
+            rt.append(t - sent)
+            verdict_t = t
+            idle += max(0.0, t - max(last_draft, sent))
+        elif ev in ("kept", "rolled_back") and verdict_t is not None:
+            wake.append(t - verdict_t)
+            verdict_t = None
+    total = events[-1][1] - events[0][1] if events else 0.0
+    return {"verifies": len(rt), "verify_rt_ms": 1000 * _median(rt),
+            "verify_over_rtt_ms": 1000 * (_median(rt) - rtt_s), "verdict_to_applied_ms": 1000 * _median(wake),
+            "idle_waiting_verdict_s": idle, "span_s": total,
+            "rolled_back": sum(1 for e in events if e[0] == "rolled_back"),
+            "kept": sum(1 for e in events if e[0] == "kept")}
+
+
+def _print_bound(spec: dict[str, float], summary: dict[str, float] | None) -> None:
+    if "bound_ms_per_tok" in spec:
+        print(f"spec: {spec['spec_ms_per_tok']:.1f} ms/token decode vs pipeline bound {spec['bound_ms_per_tok']:.1f} ms "
+              f"(γ {spec['gamma']:.2f}, t_draft {spec['t_draft_ms']:.1f} ms, t_verify {spec['t_verify_ms']:.1f} ms, "
+              f"tokens/cycle {spec['tokens_per_cycle']:.2f}): bound_ratio {spec['bound_ratio']:.2f}")
+    if summary:
+        print("spec timeline (one request):", json.dumps({k: round(v, 4) for k, v in summary.items()}))
 
 
 def _prefix_agree(a: str, b: str) -> float:
