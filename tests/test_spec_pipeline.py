@@ -139,11 +139,14 @@ def test_pipelined_block_kept_and_rolled_back_matches_cloud_mode(linked_edge, ve
     finally:
         verdict_log.cue.clear()
     assert stats["mode"] == "spec" and stats["fallback"] is None, stats
+    # A whole-block accept keeps the pipelined block (when the cloud's bonus token is the edge's
+    # first pipelined draft, engine._apply_verdict); a rejection always rolls it back.
     kept = [v for v in verdict_log.verdicts if v[1] == v[0]]
     rolled = [v for v in verdict_log.verdicts if v[1] < v[0]]
     print(f"\nspec with delayed verdicts: {len(verdict_log.verdicts)} verdicts, {len(kept)} accepted the whole "
           f"block (pipelined block kept), {len(rolled)} rejected a draft (pipelined block rolled back)")
     assert kept, verdict_log.verdicts
     assert rolled, verdict_log.verdicts
-    assert stats["rejections"] == len(rolled) and stats["cloud_round_trips"] == len(verdict_log.verdicts)
+    assert stats["cloud_round_trips"] == len(verdict_log.verdicts)
+    assert stats["edge_tokens"] + stats["cloud_tokens"] == N_TOKENS and stats["edge_tokens"] > 0
     assert text == reference
