@@ -24,8 +24,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def server(demo_bundle, tmp_path_factory) -> EdgeServer:
-    s = start_edge_server(demo_bundle / "edge", tmp_path_factory.mktemp("edge") / "server.log",
+def server(demo_bundle_adapter, tmp_path_factory) -> EdgeServer:
+    s = start_edge_server(demo_bundle_adapter / "edge", tmp_path_factory.mktemp("edge") / "server.log",
                           "--threads", "1", "--parallel", "4", "--ctx-size", str(CTX), "--batch-size", "128")
     yield s
     assert s.stop() == 0, s.log()
@@ -128,14 +128,14 @@ async def test_chat_async_stream(aclient, model):
     assert text == full.choices[0].message.content
 
 
-def test_completion_echo_and_token_prompt(client, model, demo_bundle):
+def test_completion_echo_and_token_prompt(client, model, demo_bundle_adapter):
     from edge_runtime.llama_backend import LlamaModel
 
     a = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, echo=True)
     assert a.choices[0].text.startswith("Once upon a time")
     b = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
     assert a.choices[0].text == "Once upon a time" + b.choices[0].text
-    tok = LlamaModel(demo_bundle / "edge" / "edge.gguf")
+    tok = LlamaModel(demo_bundle_adapter / "edge" / "edge.gguf")
     try:
         ids = tok.tokenize("Once upon a time")
     finally:

@@ -22,8 +22,8 @@ KEY = "sekret-key"
 
 
 @pytest.fixture(scope="module")
-def small(demo_bundle, tmp_path_factory) -> EdgeServer:
-    s = start_edge_server(demo_bundle / "edge", tmp_path_factory.mktemp("edge-small") / "server.log",
+def small(demo_bundle_adapter, tmp_path_factory) -> EdgeServer:
+    s = start_edge_server(demo_bundle_adapter / "edge", tmp_path_factory.mktemp("edge-small") / "server.log",
                           "--threads", "1", "--parallel", "1", "--queue-size", "1", "--ctx-size", "256",
                           "--api-key", KEY, "--no-verify-bundle")
     yield s
@@ -79,8 +79,8 @@ async def test_full_queue_answers_429_and_cancels_nobody(small):
         b.close()
 
 
-async def test_health_is_503_while_loading_then_200(aiohttp_client, demo_bundle):
-    cfg = load_config(env={}, overrides=dict(bundle=str(demo_bundle / "edge"), threads=1, parallel=1, ctx_size=128,
+async def test_health_is_503_while_loading_then_200(aiohttp_client, demo_bundle_adapter):
+    cfg = load_config(env={}, overrides=dict(bundle=str(demo_bundle_adapter / "edge"), threads=1, parallel=1, ctx_size=128,
                                              verify_bundle=False))
     gate = threading.Event()
 
@@ -104,8 +104,8 @@ async def test_health_is_503_while_loading_then_200(aiohttp_client, demo_bundle)
     assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
 
 
-async def test_health_reports_a_failed_load(aiohttp_client, demo_bundle):
-    cfg = load_config(env={}, overrides=dict(bundle=str(demo_bundle / "edge")))
+async def test_health_reports_a_failed_load(aiohttp_client, demo_bundle_adapter):
+    cfg = load_config(env={}, overrides=dict(bundle=str(demo_bundle_adapter / "edge")))
 
     def broken(_):
         raise BundleError("edge.gguf: sha256 mismatch")
