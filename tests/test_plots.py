@@ -14,7 +14,7 @@ import pytest
 
 from tests.edge_server_util import REPO
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402,F401  (`make setup` installs .[all,dev]: a missing plots extra is a failure)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
