@@ -262,3 +262,16 @@ def test_heldout_diverse_never_in_training_data():
     assert len(train_texts) > 400
     overlap = held_texts & train_texts
     assert not overlap, f"held-out prompts found in training data: {sorted(overlap)[:5]}"
+
+
+def test_confidence_stop_simulation_matches_plain_chain_at_c0():
+    """c = 0 reproduces calibrate.spec_accepted_length; a high c can only shorten the rounds."""
+    from quantize.calibrate import ExitStats, spec_accepted_length
+    from tools.bench_exit import confidence_stop_tokens_per_round
+    rng = np.random.default_rng(0)
+    conf = rng.random(200)
+    correct = conf > 0.3
+    lengths = [50, 70, 80]
+    plain = spec_accepted_length(ExitStats(confidence=conf, correct=correct, lengths=lengths), gamma=4)
+    assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.0) == pytest.approx(plain)
+    assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.9) < plain

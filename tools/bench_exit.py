@@ -89,6 +89,27 @@ def main() -> int:
     return 0
 
 
+def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gamma: int = 4) -> float:
+    """Tokens per spec round trip when drafting stops early once the exit head's max prob < `c` (max `gamma`).
+
+    Simulated from one teacher-forced run (per-position confidence + match): a draft below `c` is not
+    sent, so the round ends with the cloud's token at that position; c = 0 is the plain γ chain.
+    """
+    tokens = rounds = off = 0
+    for n in lengths:
+        conf, match = confidence[off: off + n], correct[off: off + n]
+        off += n
+        p = 0
+        while p < n:
+            a = 0
+            while a < gamma and p + a < n and conf[p + a] >= c and match[p + a]:
+                a += 1
+            tokens += min(a + 1, n - p)
+            rounds += 1
+            p += a + 1
+    return tokens / max(1, rounds)
+
+
 def format_table(rows: list[dict], target: float) -> str:
     if not rows:
         return "(no rows)"
