@@ -39,7 +39,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--bundle", help="measure this existing export (in-template + diverse held-out set) "
+                                     "instead of exporting")
     args = ap.parse_args()
+    if args.bundle:
+        r = measure_bundle(Path(args.bundle), args.source, args.target_agreement, args.threads)
+        print(format_bundle(r, args.target_agreement))
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1))
+        return 0
     if args.exit_adapter < 1:
         ap.error("--exit-adapter must be at least 1 (the bare head is measured alongside)")
 
@@ -108,6 +116,74 @@ def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gam
             rounds += 1
             p += a + 1
     return tokens / max(1, rounds)
+
+
+HELDOUT_DIVERSE = REPO / "quantize" / "data" / "heldout_diverse.jsonl"
+CONF_STOPS = (0.0, 0.3, 0.5, 0.7, 0.85)
+
+
+def measure_bundle(bundle: Path, source: str, target: float, threads: int | None) -> dict:
+    """Diverse-set exit quality of an existing bundle: full model's greedy answers (llama.cpp, full GGUF),
+    teacher-forced through the bundle's edge GGUF, generated positions only; in-template figures from the
+    bundle's manifest beside them."""
+    from transformers import AutoTokenizer
+
+    from fogline.manifest import load_manifest
+    from quantize import calibrate as cal
+    from quantize.calibration_data import DataConfig, generate, read_calib_text, render_prompt
+    from quantize.exit_adapter import full_model_gguf, llama_threads
+    from quantize.source import load_source
+    from edge_runtime.llama_backend import LlamaModel
+
+    m = load_manifest(bundle / "edge")
+    src = load_source(source)
+    th = llama_threads(threads)
+    log = lambda line: print("  " + line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        full = full_model_gguf(src, source, th, log)
+        tok = AutoTokenizer.from_pretrained(bundle / "cloud")
+        prompts = read_calib_text(HELDOUT_DIVERSE)
+        t0 = time.time()
+        model = LlamaModel(full)
+        try:
+            enc = [model.tokenize(render_prompt(tok, p), add_special=False, parse_special=True) for p in prompts]
+            samples = generate(model, enc, DataConfig(), greedy=True, token_budget=None, desc="diverse answers",
+                               progress=False, threads=th)
+        finally:
+            model.close()
+        gen_s = time.time() - t0
+        t0 = time.time()
+        stats = cal.measure(bundle / "edge" / "edge.gguf", samples, threads=th)
+        meas_s = time.time() - t0
+    finally:
+        src.close()
+    summ = cal.summarize(stats, target)
+    stops = {str(c): round(confidence_stop_tokens_per_round(stats.confidence, stats.correct, stats.lengths, c), 4)
+             for c in CONF_STOPS}
+    c = m.calibration
+    return {"bundle": str(bundle), "K": m.split if hasattr(m, "split") else None,
+            "in_template": {k: c[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
+                                              "spec_mean_accepted", "positions", "answers")},
+            "diverse": {k: summ[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
+                                             "agreement_at_default_tau", "spec_mean_accepted", "positions",
+                                             "answers")},
+            "diverse_confidence_stop_tokens_per_round": stops,
+            "diverse_curve": summ["curve"], "generate_seconds": round(gen_s, 1), "measure_seconds": round(meas_s, 1),
+            "train_seconds": m.exit_adapter["train_seconds"], "calib_generate_seconds": c["data"]["generate_seconds"]}
+
+
+def format_bundle(r: dict, target: float) -> str:
+    t, d = r["in_template"], r["diverse"]
+    lines = [f"exit quality of {r['bundle']} (llama.cpp on the edge GGUF, generated positions, target {target:.0%})",
+             f"{'set':<12} {'answers':>7} {'positions':>9} {'agree':>7} {'exit@tgt':>9} {'τ':>5} {'spec γ=4':>9}"]
+    for name, x in (("in-template", t), ("diverse", d)):
+        lines.append(f"{name:<12} {x['answers']:>7} {x['positions']:>9} {x['agreement_top1']:>7.1%} "
+                     f"{x['exit_rate_at_target']:>9.1%} {x['default_tau']:>5} {x['spec_mean_accepted']:>9.2f}")
+    lines.append("diverse, tokens/round trip, γ=4 chain with confidence stop c (c=0: plain chain): "
+                 + ", ".join(f"c={c}: {v:.2f}" for c, v in r["diverse_confidence_stop_tokens_per_round"].items()))
+    lines.append(f"adapter training {r['train_seconds']} s, calibration answers {r['calib_generate_seconds']} s "
+                 f"(from the manifest); diverse answers {r['generate_seconds']} s, measurement {r['measure_seconds']} s")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], target: float) -> str:
