@@ -212,3 +212,41 @@ def test_spec_accepted_length_counts_the_cloud_token():
     assert spec_accepted_length(stats, gamma=4) == pytest.approx(9 / 3)
     none = ExitStats(confidence=np.ones(5), correct=np.zeros(5, bool), lengths=[5])
     assert spec_accepted_length(none, gamma=4) == 1.0
+
+
+# ---- the diverse held-out set (tools/bench_exit.py) -------------------------------------------
+
+HELDOUT_DIVERSE = Path(__file__).resolve().parent.parent / "quantize" / "data" / "heldout_diverse.jsonl"
+
+
+def _norm(text: str) -> str:
+    """Lower-case, alphanumerics only: catches a near-duplicate that differs in case/punctuation."""
+    import re
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def test_heldout_diverse_never_in_training_data():
+    """The diverse set must stay unseen: no prompt (normalised) appears in what the trainer generates."""
+    from quantize.calibration_data import builtin_prompts, read_calib_text
+    held = read_calib_text(HELDOUT_DIVERSE)
+    assert len(held) >= 60
+    assert sum(1 for m in held if sum(x["role"] == "user" for x in m) > 1) >= 5  # multi-turn follow-ups
+    held_texts = {_norm(x["content"]) for m in held for x in m if x["role"] == "user"}
+    train_texts = {_norm(x["content"]) for m in builtin_prompts(4000) for x in m if x["role"] == "user"}
+    train_texts |= {_norm(p) for p in PROMPTS}
+    assert len(train_texts) > 400
+    overlap = held_texts & train_texts
+    assert not overlap, f"held-out prompts found in training data: {sorted(overlap)[:5]}"
+
+
+def test_confidence_stop_simulation_matches_plain_chain_at_c0():
+    """c = 0 reproduces calibrate.spec_accepted_length; a high c can only shorten the rounds."""
+    from quantize.calibrate import ExitStats, spec_accepted_length
+    from tools.bench_exit import confidence_stop_tokens_per_round
+    rng = np.random.default_rng(0)
+    conf = rng.random(200)
+    correct = conf > 0.3
+    lengths = [50, 70, 80]
+    plain = spec_accepted_length(ExitStats(confidence=conf, correct=correct, lengths=lengths), gamma=4)
+    assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.0) == pytest.approx(plain)
+    assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.9) < plain

@@ -24,8 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DIVERSE = REPO / "quantize" / "data" / "heldout_diverse.jsonl"
-STOP_CONFIDENCES = (0.0, 0.3, 0.5, 0.7, 0.9)  # chain drafting stops below this exit confidence
 
 
 def main() -> int:
@@ -40,15 +38,16 @@ def main() -> int:
     ap.add_argument("--target-agreement", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the rows to this file")
-    ap.add_argument("--bundle", default=None,
-                    help="measure this existing export on the diverse held-out set instead of exporting")
-    ap.add_argument("--heldout", default=str(DIVERSE),
-                    help="the diverse held-out set (JSONL of {messages}) the trainer never sees")
-    ap.add_argument("--tokens", type=int, default=64, help="max tokens of each full-model answer (diverse set)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--bundle", help="measure this existing export (in-template + diverse held-out set) "
+                                     "instead of exporting")
     args = ap.parse_args()
     if args.bundle:
-        return measure_bundle(Path(args.bundle), Path(args.heldout), args)
+        r = measure_bundle(Path(args.bundle), args.source, args.target_agreement, args.threads)
+        print(format_bundle(r, args.target_agreement))
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1))
+        return 0
     if args.exit_adapter < 1:
         ap.error("--exit-adapter must be at least 1 (the bare head is measured alongside)")
 
@@ -98,102 +97,93 @@ def main() -> int:
     return 0
 
 
-def diverse_samples(bundle: Path, heldout: Path, max_tokens: int) -> list:
-    """The full model's greedy answers (fp32 transformers, its own KV cache, stop at EOS) to the
-    hand-written diverse held-out prompts, as calibration Samples (targets = answer tokens)."""
-    import torch
-    from transformers import AutoTokenizer
+def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gamma: int = 4) -> float:
+    """Tokens per spec round trip when drafting stops early once the exit head's max prob < `c` (max `gamma`).
 
-    from quantize.calibration_data import Sample
-    from quantize.source import load_source
-    from quantize.verify import build_reference_model
-
-    tok = AutoTokenizer.from_pretrained(str(bundle / "cloud"))
-    eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    src = load_source("demo")
-    try:
-        model = build_reference_model(src)
-    finally:
-        src.close()
-    samples = []
-    with torch.inference_mode():
-        for line in heldout.read_text().splitlines():
-            if not line.strip():
-                continue
-            text = tok.apply_chat_template(json.loads(line)["messages"], add_generation_prompt=True, tokenize=False)
-            ids = list(tok(text, add_special_tokens=False).input_ids)
-            out = model(torch.tensor([ids]), use_cache=True)
-            answer = [int(out.logits[0, -1].argmax())]
-            while answer[-1] not in eos and len(answer) < max_tokens:
-                out = model(torch.tensor([[answer[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-                answer.append(int(out.logits[0, -1].argmax()))
-            samples.append(Sample(prompt=ids, answer=answer))
-    return samples
-
-
-def chain_with_stop(stats, stop: float, gamma_max: int) -> dict:
-    """Greedy spec over teacher-forced answers: draft while the exit confidence >= `stop` (at
-    least one draft, at most gamma_max), the cloud accepts the matching prefix and adds its token.
-    Returns tokens per round trip and drafted tokens per round trip."""
-    tokens = rounds = drafted = 0
-    off = 0
-    for n in stats.lengths:
-        match, conf = stats.correct[off: off + n], stats.confidence[off: off + n]
+    Simulated from one teacher-forced run (per-position confidence + match): a draft below `c` is not
+    sent, so the round ends with the cloud's token at that position; c = 0 is the plain γ chain.
+    """
+    tokens = rounds = off = 0
+    for n in lengths:
+        conf, match = confidence[off: off + n], correct[off: off + n]
         off += n
         p = 0
         while p < n:
-            d = 1
-            while d < gamma_max and p + d < n and conf[p + d] >= stop:
-                d += 1
             a = 0
-            while a < d and p + a < n and match[p + a]:
+            while a < gamma and p + a < n and conf[p + a] >= c and match[p + a]:
                 a += 1
             tokens += min(a + 1, n - p)
-            drafted += min(d, n - p)
             rounds += 1
             p += a + 1
-    return {"stop": stop, "gamma_max": gamma_max, "tokens_per_round_trip": round(tokens / max(1, rounds), 3),
-            "drafted_per_round_trip": round(drafted / max(1, rounds), 3)}
+    return tokens / max(1, rounds)
 
 
-def measure_bundle(bundle: Path, heldout: Path, args) -> int:
-    """Exit quality of an existing export on both held-out sets: the export's in-template split
-    (its manifest's calibration) and the diverse hand-written set, measured here with llama.cpp
-    on the edge GGUF, teacher-forced on the full model's greedy answers, generated positions only."""
+HELDOUT_DIVERSE = REPO / "quantize" / "data" / "heldout_diverse.jsonl"
+CONF_STOPS = (0.0, 0.3, 0.5, 0.7, 0.85)
+
+
+def measure_bundle(bundle: Path, source: str, target: float, threads: int | None) -> dict:
+    """Diverse-set exit quality of an existing bundle: full model's greedy answers (llama.cpp, full GGUF),
+    teacher-forced through the bundle's edge GGUF, generated positions only; in-template figures from the
+    bundle's manifest beside them."""
+    from transformers import AutoTokenizer
+
     from fogline.manifest import load_manifest
-    from quantize.calibrate import measure, spec_accepted_length, summarize
+    from quantize import calibrate as cal
+    from quantize.calibration_data import DataConfig, generate, read_calib_text, render_prompt
+    from quantize.exit_adapter import full_model_gguf, llama_threads
+    from quantize.source import load_source
+    from edge_runtime.llama_backend import LlamaModel
 
     m = load_manifest(bundle / "edge")
-    c, a = m.calibration or {}, m.exit_adapter or {}
-    t0 = time.time()
-    samples = diverse_samples(bundle, heldout, args.tokens)
-    stats = measure(bundle / "edge" / "edge.gguf", samples, args.threads)
-    div = summarize(stats, args.target_agreement)
-    chains = [chain_with_stop(stats, s, g) for g in (4, 8) for s in STOP_CONFIDENCES]
-    row = {"bundle": str(bundle), "K": m.split, "quant": m.quant,
-           "in_template": {k: c.get(k) for k in ("agreement_top1", "exit_rate_at_target", "spec_mean_accepted",
-                                                  "default_tau", "positions", "answers")},
-           "diverse": {k: div[k] for k in ("agreement_top1", "exit_rate_at_target", "default_tau",
-                                           "spec_mean_accepted", "positions", "answers")},
-           "diverse_gamma4_check": round(spec_accepted_length(stats, 4), 4),
-           "diverse_chain_with_stop": chains, "diverse_curve": div["curve"],
-           "train_seconds": a.get("train_seconds"), "train_cpu_seconds": a.get("train_cpu_seconds"),
-           "measure_seconds": round(time.time() - t0, 1)}
-    t, d = row["in_template"], row["diverse"]
-    print(f"exit quality of {bundle} (K={m.split} {m.quant}, target agreement {args.target_agreement:.0%}, "
-          f"adapter trained in {row['train_seconds']} s)")
-    print(f"{'held-out set':<34} {'answers':>7} {'positions':>9} {'agree':>7} {'exit@tgt':>9} {'spec γ=4':>9}")
-    print(f"{'in-template split (manifest)':<34} {t['answers'] or 0:>7} {t['positions'] or 0:>9} "
-          f"{(t['agreement_top1'] or 0):>7.1%} {(t['exit_rate_at_target'] or 0):>9.1%} {(t['spec_mean_accepted'] or 0):>9.2f}")
-    print(f"{'diverse, hand-written (' + heldout.name + ')':<34} {d['answers']:>7} {d['positions']:>9} "
-          f"{d['agreement_top1']:>7.1%} {d['exit_rate_at_target']:>9.1%} {d['spec_mean_accepted']:>9.2f}")
-    print("diverse set, chain drafting with a confidence stop (tokens / drafted per round trip):")
-    for ch in chains:
-        print(f"  γ≤{ch['gamma_max']}, stop below {ch['stop']:.1f}: {ch['tokens_per_round_trip']:.2f} tokens, "
-              f"{ch['drafted_per_round_trip']:.2f} drafted")
-    if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=1) + "\n")
-    return 0
+    src = load_source(source)
+    th = llama_threads(threads)
+    log = lambda line: print("  " + line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        full = full_model_gguf(src, source, th, log)
+        tok = AutoTokenizer.from_pretrained(bundle / "cloud")
+        prompts = read_calib_text(HELDOUT_DIVERSE)
+        t0 = time.time()
+        model = LlamaModel(full)
+        try:
+            enc = [model.tokenize(render_prompt(tok, p), add_special=False, parse_special=True) for p in prompts]
+            samples = generate(model, enc, DataConfig(), greedy=True, token_budget=None, desc="diverse answers",
+                               progress=False, threads=th)
+        finally:
+            model.close()
+        gen_s = time.time() - t0
+        t0 = time.time()
+        stats = cal.measure(bundle / "edge" / "edge.gguf", samples, threads=th)
+        meas_s = time.time() - t0
+    finally:
+        src.close()
+    summ = cal.summarize(stats, target)
+    stops = {str(c): round(confidence_stop_tokens_per_round(stats.confidence, stats.correct, stats.lengths, c), 4)
+             for c in CONF_STOPS}
+    c = m.calibration
+    return {"bundle": str(bundle), "K": m.split if hasattr(m, "split") else None,
+            "in_template": {k: c[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
+                                              "spec_mean_accepted", "positions", "answers")},
+            "diverse": {k: summ[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
+                                             "agreement_at_default_tau", "spec_mean_accepted", "positions",
+                                             "answers")},
+            "diverse_confidence_stop_tokens_per_round": stops,
+            "diverse_curve": summ["curve"], "generate_seconds": round(gen_s, 1), "measure_seconds": round(meas_s, 1),
+            "train_seconds": m.exit_adapter["train_seconds"], "calib_generate_seconds": c["data"]["generate_seconds"]}
+
+
+def format_bundle(r: dict, target: float) -> str:
+    t, d = r["in_template"], r["diverse"]
+    lines = [f"exit quality of {r['bundle']} (llama.cpp on the edge GGUF, generated positions, target {target:.0%})",
+             f"{'set':<12} {'answers':>7} {'positions':>9} {'agree':>7} {'exit@tgt':>9} {'τ':>5} {'spec γ=4':>9}"]
+    for name, x in (("in-template", t), ("diverse", d)):
+        lines.append(f"{name:<12} {x['answers']:>7} {x['positions']:>9} {x['agreement_top1']:>7.1%} "
+                     f"{x['exit_rate_at_target']:>9.1%} {x['default_tau']:>5} {x['spec_mean_accepted']:>9.2f}")
+    lines.append("diverse, tokens/round trip, γ=4 chain with confidence stop c (c=0: plain chain): "
+                 + ", ".join(f"c={c}: {v:.2f}" for c, v in r["diverse_confidence_stop_tokens_per_round"].items()))
+    lines.append(f"adapter training {r['train_seconds']} s, calibration answers {r['calib_generate_seconds']} s "
+                 f"(from the manifest); diverse answers {r['generate_seconds']} s, measurement {r['measure_seconds']} s")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], target: float) -> str:
