@@ -14,7 +14,7 @@ import pytest
 
 from fogline.cli import main as cli_main
 from fogline.manifest import load_manifest, sha256_file
-from tests.conftest import ADAPTER_BUDGET, DEMO_SPLIT, export_adapter
+from tests.conftest import ADAPTER_BUDGET, ADAPTER_PROMPTS, DEMO_SPLIT, export_adapter
 
 BUDGET = ADAPTER_BUDGET
 
@@ -233,7 +233,7 @@ def test_heldout_diverse_never_in_training_data():
     assert sum(1 for m in held if sum(x["role"] == "user" for x in m) > 1) >= 5  # multi-turn follow-ups
     held_texts = {_norm(x["content"]) for m in held for x in m if x["role"] == "user"}
     train_texts = {_norm(x["content"]) for m in builtin_prompts(4000) for x in m if x["role"] == "user"}
-    train_texts |= {_norm(p) for p in PROMPTS}
+    train_texts |= {_norm(p) for p in ADAPTER_PROMPTS}
     assert len(train_texts) > 400
     overlap = held_texts & train_texts
     assert not overlap, f"held-out prompts found in training data: {sorted(overlap)[:5]}"
