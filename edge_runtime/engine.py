@@ -629,9 +629,12 @@ class Engine:
             self._apply_fallback(seq, "cloud verdict out of step with the edge", applied)
             return
         keep = accepted < len(seq.held) and seq.held[accepted].token == correction.token
+        n_held = len(seq.held)
         emit, seq.held = seq.held[:accepted], seq.held[accepted + 1:] if keep else []
         cut = start + accepted  # the correction's position
-        seq.stats.mark("kept" if keep else "rolled_back", accepted)
+        # kept: the held draft at the correction matched (the pipelined block survives); rolled_back: held
+        # drafts were discarded; settled: every held draft was accepted, nothing was held past them
+        seq.stats.mark("kept" if keep else "rolled_back" if accepted < n_held else "settled", accepted)
         if not keep:
             del seq.tokens[cut:]
             seq.n_past = min(seq.n_past, cut)

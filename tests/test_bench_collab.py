@@ -51,7 +51,7 @@ def test_bench_collab_json_carries_bound_ratio(demo_bundle, subprocess_env, tmp_
     assert "bound_ratio" in r.stdout
     events = json.loads(tl.read_text())["20"]["events"]
     kinds = {e[0] for e in events}
-    assert {"draft", "verify_sent", "verdict", "token"} <= kinds and kinds & {"kept", "rolled_back"}
+    assert {"draft", "verify_sent", "verdict", "token"} <= kinds and kinds & {"kept", "rolled_back", "settled"}
 
 
 def test_timeline_off_by_default_costs_nothing():

@@ -354,7 +354,7 @@ def _timeline_summary(events: list, rtt_s: float) -> dict[str, float]:
             rt.append(t - sent)
             verdict_t = t
             idle += max(0.0, t - max(last_draft, sent))
-        elif ev in ("kept", "rolled_back") and verdict_t is not None:
+        elif ev in ("kept", "rolled_back", "settled") and verdict_t is not None:
             wake.append(t - verdict_t)
             verdict_t = None
     total = events[-1][1] - events[0][1] if events else 0.0
@@ -362,7 +362,8 @@ def _timeline_summary(events: list, rtt_s: float) -> dict[str, float]:
             "verify_over_rtt_ms": 1000 * (_median(rt) - rtt_s), "verdict_to_applied_ms": 1000 * _median(wake),
             "idle_waiting_verdict_s": idle, "span_s": total,
             "rolled_back": sum(1 for e in events if e[0] == "rolled_back"),
-            "kept": sum(1 for e in events if e[0] == "kept")}
+            "kept": sum(1 for e in events if e[0] == "kept"),
+            "settled": sum(1 for e in events if e[0] == "settled")}
 
 
 def _print_bound(spec: dict[str, float], summary: dict[str, float] | None) -> None:
