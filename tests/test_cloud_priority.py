@@ -24,7 +24,7 @@ MAX_TOKENS = 64  # rows per pass: the workload needs many passes
 
 
 @pytest.fixture(scope="module")
-def deep_model(demo_bundle):
+def deep_model(demo_bundle_adapter):
     import torch
     from safetensors.torch import load_file
 
@@ -34,7 +34,7 @@ def deep_model(demo_bundle):
 
     old = torch.get_num_threads()
     torch.set_num_threads(2)
-    cloud = demo_bundle / "cloud"
+    cloud = demo_bundle_adapter / "cloud"
     manifest = load_manifest(cloud, role="cloud")
     spec = ArchSpec.from_hf_config(json.loads((cloud / "config.json").read_text()))
     yield load_deep_model(spec, manifest.split, load_file(str(cloud / "deep.safetensors")))

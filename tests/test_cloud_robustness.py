@@ -28,8 +28,8 @@ N_GOOD = 24
 
 
 @pytest.fixture()
-def cloud_process(demo_bundle, python_exe, subprocess_env):
-    proc = subprocess.Popen([python_exe, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(demo_bundle / "cloud"),
+def cloud_process(demo_bundle_adapter, python_exe, subprocess_env):
+    proc = subprocess.Popen([python_exe, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(demo_bundle_adapter / "cloud"),
                              "--port", "0", "--token", TOKEN, "--threads", "1", "--log-level", "WARNING"],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     port, lines = None, []
@@ -204,23 +204,23 @@ frames = st.one_of(
 )
 
 
-def test_garbage_never_hurts_the_server_or_the_good_session(cloud_process, demo_bundle):
+def test_garbage_never_hurts_the_server_or_the_good_session(cloud_process, demo_bundle_adapter):
     from fogline.manifest import load_manifest
     from transformers import AutoTokenizer
 
     proc, port = cloud_process
-    fingerprint = load_manifest(demo_bundle / "edge").fingerprint
-    tok = AutoTokenizer.from_pretrained(demo_bundle / "cloud")
+    fingerprint = load_manifest(demo_bundle_adapter / "edge").fingerprint
+    tok = AutoTokenizer.from_pretrained(demo_bundle_adapter / "cloud")
     text = tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}], tokenize=False,
                                    add_generation_prompt=True)
     prompt = list(tok(text, add_special_tokens=False).input_ids)
 
     baseline: list[list[int]] = []
-    _good_run(demo_bundle, port, fingerprint, prompt, None, baseline)
+    _good_run(demo_bundle_adapter, port, fingerprint, prompt, None, baseline)
     assert len(baseline[0]) == N_GOOD
 
     stop, outputs = threading.Event(), []
-    good = threading.Thread(target=_good_run, args=(demo_bundle, port, fingerprint, prompt, stop, outputs))
+    good = threading.Thread(target=_good_run, args=(demo_bundle_adapter, port, fingerprint, prompt, stop, outputs))
     good.start()
     bad = Garbage(port, fingerprint)
     try:

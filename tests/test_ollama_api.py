@@ -20,16 +20,16 @@ MSGS = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def server(demo_bundle, tmp_path_factory) -> EdgeServer:
-    s = start_edge_server(demo_bundle / "edge", tmp_path_factory.mktemp("ollama") / "server.log", *SERVER_ARGS)
+def server(demo_bundle_adapter, tmp_path_factory) -> EdgeServer:
+    s = start_edge_server(demo_bundle_adapter / "edge", tmp_path_factory.mktemp("ollama") / "server.log", *SERVER_ARGS)
     yield s
     assert s.stop() == 0, s.log()
 
 
 @pytest.fixture(scope="module")
-def strict(demo_bundle, tmp_path_factory) -> EdgeServer:
+def strict(demo_bundle_adapter, tmp_path_factory) -> EdgeServer:
     """Strict model names and an API key (which the Ollama API honours like /v1)."""
-    s = start_edge_server(demo_bundle / "edge", tmp_path_factory.mktemp("strict") / "server.log", *SERVER_ARGS,
+    s = start_edge_server(demo_bundle_adapter / "edge", tmp_path_factory.mktemp("strict") / "server.log", *SERVER_ARGS,
                           "--strict-model-name", "--api-key", "sekrit")
     yield s
     assert s.stop() == 0, s.log()
@@ -52,13 +52,13 @@ async def _post(base: str, path: str, body, headers: dict | None = None) -> tupl
 # --------------------------------------------------------------------------- model listing
 
 
-def test_version_tags_show(server, client, demo_bundle):
+def test_version_tags_show(server, client, demo_bundle_adapter):
     import hashlib
 
     tags = client.list()
     assert [m.model for m in tags.models] == ["fogline-edge-k20:latest"]
     m = tags.models[0]
-    gguf = demo_bundle / "edge" / "edge.gguf"
+    gguf = demo_bundle_adapter / "edge" / "edge.gguf"
     assert m.size == gguf.stat().st_size and m.digest == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert m.details.format == "gguf" and m.details.family == "llama" and m.details.quantization_level == "Q8_0"
     show = client.show("fogline-edge-k20")
@@ -220,10 +220,10 @@ def test_strict_model_names_and_api_key(strict):
     assert oa.chat.completions.create(model="fogline-edge-k20", messages=MSGS, max_tokens=2).model == "fogline-edge-k20"
 
 
-def test_strict_model_name_setting(demo_bundle, tmp_path):
+def test_strict_model_name_setting(demo_bundle_adapter, tmp_path):
     from edge_runtime.config import load_config
 
-    bundle = str(demo_bundle / "edge")
+    bundle = str(demo_bundle_adapter / "edge")
     assert load_config(env={}, overrides={"bundle": bundle}).strict_model_name is False  # lenient by default
     assert load_config(env={"FOGLINE_EDGE_STRICT_MODEL_NAME": "yes"}, overrides={"bundle": bundle}).strict_model_name
     toml = tmp_path / "edge.toml"
