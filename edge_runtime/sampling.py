@@ -105,14 +105,19 @@ class Sampler:
             out[idx] -= cnt * p.frequency_penalty + p.presence_penalty
         return out
 
-    def choose(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> TokenChoice:
-        """Pick the next token from one row of logits [n_vocab]."""
-        p = self.params
-        m, lse = log_normalizer(logits)
+    def _allowed(self, logits: np.ndarray, banned: tuple[int, ...]) -> np.ndarray:
+        """The adjusted logits with `banned` ids at -inf (never writes into `logits`)."""
         z = self.adjusted(logits)
         if banned:
             z = z if z is not logits else z.copy()
             z[list(banned)] = -np.inf
+        return z
+
+    def choose(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> TokenChoice:
+        """Pick the next token from one row of logits [n_vocab]."""
+        p = self.params
+        m, lse = log_normalizer(logits)
+        z = self._allowed(logits, banned)
         if p.temperature == 0.0 or p.top_k == 1:
             token = int(np.argmax(z))
         else:
@@ -143,10 +148,7 @@ class Sampler:
         norm(max(0, p - q)) with the true q (0 off its support)."""
         p = self.params
         m, lse = log_normalizer(logits)
-        z = self.adjusted(logits)
-        if banned:
-            z = z if z is not logits else z.copy()
-            z[list(banned)] = -np.inf
+        z = self._allowed(logits, banned)
         z = z.astype(np.float64) / max(p.temperature, 1e-6)
         n = z.shape[0]
         zmax = float(z.max())
