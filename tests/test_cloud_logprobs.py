@@ -64,15 +64,20 @@ def _reference_logprobs(demo_source, prompt: list[int], tokens: list[int]):
     return chosen, tops
 
 
-def test_cloud_mode_logprobs_are_the_full_models(lp_edge, demo_source, demo_bundle_f32, chat_prompts, full_reference):
+def _greedy_logprobs(edge, prompt: list[int], mode: str):
+    """One greedy completion with top-TOP logprobs through the official client; it must not fall back."""
     from openai import OpenAI
 
-    prompt, (ref_tokens, _) = chat_prompts[0], full_reference[0]
-    client = OpenAI(base_url=lp_edge.v1, api_key="unused", max_retries=0, timeout=600)
+    client = OpenAI(base_url=edge.v1, api_key="unused", max_retries=0, timeout=600)
     r = client.completions.create(model="fogline-edge-k20", prompt=prompt, max_tokens=N, temperature=0,
-                                  logprobs=TOP, extra_body={"mode": "cloud", "ignore_eos": True})
-    lp = r.choices[0].logprobs
+                                  logprobs=TOP, extra_body={"mode": mode, "ignore_eos": True})
     assert r.model_extra["fogline"].get("fallback") in (None, "")
+    return r.choices[0].logprobs
+
+
+def test_cloud_mode_logprobs_are_the_full_models(lp_edge, demo_source, demo_bundle_f32, chat_prompts, full_reference):
+    prompt, (ref_tokens, _) = chat_prompts[0], full_reference[0]
+    lp = _greedy_logprobs(lp_edge, prompt, "cloud")
     chosen, tops = _reference_logprobs(demo_source, prompt, ref_tokens[:N])
     n = _settled(demo_bundle_f32, ref_tokens[:N])
     assert n >= 4 and len(lp.token_logprobs) >= n
@@ -88,14 +93,8 @@ def test_cloud_mode_logprobs_are_the_full_models(lp_edge, demo_source, demo_bund
 def test_spec_mode_reports_cloud_logprobs_for_every_settled_token(lp_edge, demo_source, demo_bundle_f32, chat_prompts,
                                                                  full_reference):
     """Spec: accepted drafts and corrections carry the cloud's values (greedy, F32: the full model's)."""
-    from openai import OpenAI
-
     prompt, (ref_tokens, _) = chat_prompts[0], full_reference[0]
-    client = OpenAI(base_url=lp_edge.v1, api_key="unused", max_retries=0, timeout=600)
-    r = client.completions.create(model="fogline-edge-k20", prompt=prompt, max_tokens=N, temperature=0,
-                                  logprobs=TOP, extra_body={"mode": "spec", "ignore_eos": True})
-    lp = r.choices[0].logprobs
-    assert r.model_extra["fogline"].get("fallback") in (None, "")
+    lp = _greedy_logprobs(lp_edge, prompt, "spec")
     chosen, _ = _reference_logprobs(demo_source, prompt, ref_tokens[:N])
     for i in range(_settled(demo_bundle_f32, ref_tokens[:N])):
         assert abs(lp.token_logprobs[i] - chosen[i]) < TOL, (i, lp.token_logprobs[i], chosen[i])
