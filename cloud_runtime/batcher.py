@@ -21,6 +21,12 @@ share one pass, one KV pool and the same kernels.
 A step's `finish` callback runs in the model thread on that step's logits
 (sampling, verification), so torch never runs on the event loop.
 
+What a step reports besides its result (the edge's `auto` policy reads them from the reply):
+`queue_s`, how long it waited from submit to the start of its pass, and `pass_s`, how long
+that batched pass took; and for agreement checks (`check`: row offsets and the edge's tokens
+after them) the count of rows where the deep model's greedy token equals the edge's (`agreed`),
+computed in the same pass from the same logits, one extra head row per check.
+
 Which queued steps go first (`schedule`):
 
 * `vdf` (default) — Edge-LLM's value density: every step is worth the same (one edge
@@ -76,6 +82,11 @@ class Step:
     deadline: float | None = None
     seq: int = 0  # arrival order
     tokens: np.ndarray | None = None  # [T] int64 token ids instead of `hidden` (whole model only)
+    check: tuple[tuple[int, int], ...] = ()  # (row offset, edge token after that row): agreement checks
+    # filled by the batcher: queue wait and pass time (seconds), checks that agreed
+    queue_s: float = 0.0
+    pass_s: float = 0.0
+    agreed: int = 0
 
     @property
     def rows(self) -> int:
@@ -246,10 +257,13 @@ class Batcher:
                 continue
             now = time.perf_counter()
             for s in batch:
-                self.metrics.queue_wait_seconds.observe(now - s.queued_at)
+                s.queue_s = now - s.queued_at
+                self.metrics.queue_wait_seconds.observe(s.queue_s)
             c0 = self.clock()
             try:
                 results = await loop.run_in_executor(self.executor, self._execute, batch)
+                for s in batch:
+                    s.pass_s = time.perf_counter() - now
                 dc = self.clock() - c0
                 self._pass_clock = dc if self.passes <= 1 else 0.8 * self._pass_clock + 0.2 * dc
             except Exception as e:  # a model failure: the sessions' caches may be half-written
@@ -288,6 +302,7 @@ class Batcher:
                 rows.append(off + s.rows - 1)
             elif s.logit_rows == "all":
                 rows.extend(range(off, off + s.rows))
+            rows.extend(off + r for r, _ in s.check)  # agreement checks: one more head row each
             off += s.rows
         # to the CPU once per pass: sampling and verification are tiny and use CPU generators
         logits = self.model.logits(normed[rows]).cpu() if rows else None
@@ -297,6 +312,11 @@ class Batcher:
             n = 0 if s.logit_rows == "none" else (1 if s.logit_rows == "last" else s.rows)
             mine = logits[i:i + n] if (logits is not None and n) else None
             i += n
+            if s.check:
+                assert logits is not None
+                greedy = logits[i:i + len(s.check)].argmax(dim=-1).tolist()
+                s.agreed = sum(int(g == t) for g, (_, t) in zip(greedy, s.check))
+                i += len(s.check)
             try:
                 results.append(s.finish(mine))
             except Exception as e:  # a bug in one step's post-processing fails that step only

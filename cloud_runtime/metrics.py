@@ -34,6 +34,11 @@ class CloudMetrics:
                                             "Time a step waits before its forward pass",
                                             buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
                                             registry=r)
+        self.agreement_checks = Counter("fogline_cloud_agreement_checks_total",
+                                        "Edge-emitted tokens (collab) checked against the deep model's greedy "
+                                        "token, by outcome", ["outcome"], registry=r)
+        self.agreement_checks.labels("agreed")
+        self.agreement_checks.labels("disagreed")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

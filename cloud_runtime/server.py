@@ -179,8 +179,18 @@ class CloudRuntime:
                 step = Step(s, msg.start, x, "last", _infer_answer(msg, pos_next, allowed))
             else:
                 step = Step(s, msg.start, x, "all", _verify_answer(msg, allowed))
+            if not isinstance(msg, Verify) and msg.check:
+                step.check = tuple((pos - msg.start, tok) for pos, tok in msg.check)
             result = await self.batcher.submit(step)
             self.store.sync(s)
+            if step.check:
+                s.checked += len(step.check)
+                s.agreed += step.agreed
+                self.metrics.agreement_checks.labels("agreed").inc(step.agreed)
+                self.metrics.agreement_checks.labels("disagreed").inc(len(step.check) - step.agreed)
+            checked, agreed = s.take_checks() if (not isinstance(msg, Append) or msg.ack) else (None, None)
+            load = {"queue_ms": round(step.queue_s * 1000, 3), "step_ms": round(step.pass_s * 1000, 3),
+                    "checked": checked, "agreed": agreed}
             end = msg.start + h.rows
             fresh = max(0, end - max(msg.start, s.high))
             s.high = max(s.high, end)
@@ -188,17 +198,17 @@ class CloudRuntime:
             if h.rows > fresh:
                 self.metrics.rows.labels("repeat").inc(h.rows - fresh)
             if isinstance(msg, Append):
-                return Ack(id=msg.id, session=msg.session, length=s.length) if msg.ack else None
+                return Ack(id=msg.id, session=msg.session, length=s.length, **load) if msg.ack else None
             if isinstance(msg, Infer):
                 token, top, lps = result
                 return TokenReply(id=msg.id, session=msg.session, token=token, length=s.length, top=top,
                                   logprob=None if lps is None else lps[0][0],
-                                  top_logprobs=None if lps is None else lps[1][0])
+                                  top_logprobs=None if lps is None else lps[1][0], **load)
             judgement, lps = result
             s.cache.truncate(msg.start + judgement.accepted + 1)
             return Verdict(id=msg.id, session=msg.session, accepted=judgement.accepted, token=judgement.token,
                            length=s.length, logprobs=None if lps is None else lps[0],
-                           top_logprobs=None if lps is None or msg.logprobs == 0 else lps[1])
+                           top_logprobs=None if lps is None or msg.logprobs == 0 else lps[1], **load)
 
     def _allowed(self, msg: Append | Infer | Verify) -> torch.Tensor | None:
         """Structured output: the token masks the edge sent (Infer.mask, Verify.masks) as bool [n, V]."""

@@ -37,6 +37,16 @@ class Session:
     closed: bool = False
     reserved: int = 0  # bytes accounted to this session
     high: int = 0  # highest position + 1 ever received (a row below it is a re-upload)
+    # agreement checks settled since the session's last reply (an ack-less append has none)
+    checked: int = 0
+    agreed: int = 0
+
+    def take_checks(self) -> tuple[int | None, int | None]:
+        """The checks to report in this reply (None, None: none since the last), reset."""
+        if not self.checked:
+            return None, None
+        out, self.checked, self.agreed = (self.checked, self.agreed), 0, 0
+        return out
 
     @property
     def length(self) -> int:

@@ -9,8 +9,14 @@ its inputs come from:
 * edge tokens/s — an EMA over finished `edge`-mode requests (first to last token, one
   sequence's decode speed as the client saw it);
 * RTT and "connected" — the CloudBridge's ping EMA and link state (no bridge: cloud down);
+* cloud step and queue time — EMAs of what the cloud itself reports in every reply to a
+  deep-layer step (`step_ms`: its batched pass, `queue_ms`: its wait in the batcher queue), so
+  a loaded cloud looks slower to the policy before any request misses its SLO;
 * spec acceptance — the CloudBridge's discounted count of accepted / rejected drafts,
   which SpecSource records per verdict;
+* collab agreement of the exit's own tokens — per request, the cloud's agreement checks
+  (`fogline.agreement`: a sample of the edge-emitted tokens compared with the deep model's
+  greedy token in the same pass), which the policy learns each τ's a_τ from;
 * device state — `device_state(monitor.latest)`: hot/throttling or on battery.
 
 Everything runs on the event loop (no locks). Torch-free.
@@ -80,9 +86,9 @@ class AutoMode:
             return Measurements(edge_tps=self.edge_tps, cloud_up=False)
         return Measurements(edge_tps=self.edge_tps,
                             rtt_ms=None if b.rtt_s is None else b.rtt_s * 1000.0,
-                            cloud_queue_ms=getattr(b, "cloud_queue_ms", None),
+                            cloud_step_ms=b.cloud_step_ms, cloud_queue_ms=b.cloud_queue_ms,
                             cloud_up=bool(b.connected),
-                            acceptance=getattr(b, "acceptance", None))
+                            acceptance=b.acceptance)
 
     # ----------------------------------------------------------------- decide / learn
 
@@ -113,6 +119,7 @@ class AutoMode:
             drafted=stats.drafted if spec else None,
             accepted=stats.accepted if spec and stats.drafted else None,
             rejections=stats.rejections if spec and stats.drafted else None,
+            checked=stats.checked or None, agreed=stats.agreed if stats.checked else None,
             fell_back=stats.fallback is not None,
             measured=self.measurements())
         self.policy.update(decision, outcome)

@@ -20,6 +20,10 @@ Bytes are measured, not estimated: every websocket frame sent or received is
 counted with its framing (header + client mask; no extensions: compress=0) in the
 link's `total` Meter and, when it belongs to a session, in that session's Meter
 (`attach`). Those are the bytes a proxy on the path sees, minus the HTTP upgrade.
+Load and agreement, measured by the cloud: replies to deep-layer steps carry the step's queue
+wait and pass time (`queue_ms`, `step_ms`), which the link keeps as EMAs (`cloud_queue_ms`,
+`cloud_step_ms`, what the `auto` policy adds to the RTT), and the session's settled agreement
+checks (`checked`, `agreed`), which are added to the session's Meter.
 
 Imports neither torch nor llama.cpp (a test checks this in a fresh interpreter).
 """
@@ -44,6 +48,7 @@ from fogline.wire.protocol import (GREEDY, Ack, Append, Bye, Close, Error, Hello
 
 log = logging.getLogger("fogline.edge.cloud")
 ratelog = RateLimitedLog(log)
+LOAD_EMA = 0.2  # weight of the newest reply in the cloud queue/step EMAs
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Meter:
     frames_up: int = 0
     frames_down: int = 0
     round_trips: int = 0
+    # agreement checks the cloud settled for this session: edge tokens checked, and agreeing
+    checked: int = 0
+    agreed: int = 0
 
     def sent(self, n: int) -> None:
         self.up += ws_frame_bytes(n, masked=True)
@@ -120,6 +128,9 @@ class CloudLink:
         self._connect_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
         self._closed = False
+        # EMAs of the cloud's own step figures (None until a reply carried them)
+        self.cloud_queue_ms: float | None = None
+        self.cloud_step_ms: float | None = None
 
     # --- connection ----------------------------------------------------------------
 
@@ -256,6 +267,13 @@ class CloudLink:
         if meter is not None:
             meter.received(size)
             meter.round_trips += 1
+            if (checked := getattr(msg, "checked", None)) is not None:
+                meter.checked += checked
+                meter.agreed += msg.agreed  # type: ignore[attr-defined]
+        if (q := getattr(msg, "queue_ms", None)) is not None:
+            self.cloud_queue_ms = q if self.cloud_queue_ms is None else (1 - LOAD_EMA) * self.cloud_queue_ms + LOAD_EMA * q
+        if (t := getattr(msg, "step_ms", None)) is not None:
+            self.cloud_step_ms = t if self.cloud_step_ms is None else (1 - LOAD_EMA) * self.cloud_step_ms + LOAD_EMA * t
 
     def _route(self, msg: Message) -> None:
         req_id = getattr(msg, "id", None)
@@ -333,9 +351,11 @@ class CloudLink:
         per_row = hidden_row_bytes(self.codec, info.hidden_size, self.int8_block)
         return max(1, min(info.max_rows, (info.max_frame - 4096) // per_row))
 
-    async def append(self, session: str, start: int, hidden: np.ndarray, *, ack: bool = True) -> int:
+    async def append(self, session: str, start: int, hidden: np.ndarray, *, ack: bool = True,
+                     check: dict[int, int] | None = None) -> int:
         """Upload h_K of positions [start, start+len(hidden)). Returns the cloud's length (ack) or
-        the expected one (ack=False: errors surface on this session's next request)."""
+        the expected one (ack=False: errors surface on this session's next request).
+        check: position -> the edge's token after it, for the cloud to check (agreement)."""
         if len(hidden) == 0:
             return start
         await self.connect()
@@ -343,23 +363,28 @@ class CloudLink:
         for lo, rows in self._chunks(hidden):
             reply = await self._request(
                 lambda i, lo=lo, rows=rows: Append(id=i, session=session, start=start + lo, h=self._encode(rows),
-                                                   ack=ack), want_reply=ack)
+                                                   ack=ack, check=_checks(check, start + lo, len(rows))),
+                want_reply=ack)
             end = reply.length if isinstance(reply, Ack) else start + lo + len(rows)
         return end
 
     async def infer(self, session: str, start: int, hidden: np.ndarray, sampling: Sampling = GREEDY,
-                     top_n: int = 0, logprobs: int | None = None, mask: bytes | None = None) -> InferResult:
-        """Send h_K of positions [start, start+n) (n >= 1) and get the token for position start+n."""
+                     top_n: int = 0, logprobs: int | None = None, mask: bytes | None = None,
+                     check: dict[int, int] | None = None) -> InferResult:
+        """Send h_K of positions [start, start+n) (n >= 1) and get the token for position start+n.
+        check: as in `append`."""
         if len(hidden) == 0:
             raise ValueError("infer needs at least one h_K row")
         await self.connect()
         chunks = list(self._chunks(hidden))
         for lo, rows in chunks[:-1]:  # a long prompt goes up in several frames
             await self._request(lambda i, lo=lo, rows=rows: Append(id=i, session=session, start=start + lo,
-                                                                    h=self._encode(rows)))
+                                                                    h=self._encode(rows),
+                                                                    check=_checks(check, start + lo, len(rows))))
         lo, rows = chunks[-1]
         reply = await self._request(lambda i: Infer(id=i, session=session, start=start + lo, h=self._encode(rows),
-                                                     sampling=sampling, top_n=top_n, logprobs=logprobs, mask=mask))
+                                                     sampling=sampling, top_n=top_n, logprobs=logprobs, mask=mask,
+                                                     check=_checks(check, start + lo, len(rows))))
         if not isinstance(reply, TokenReply):
             raise BadFrame(f"cloud answered infer with {type(reply).__name__}")
         return InferResult(reply.token, reply.length, reply.top, reply.logprob, reply.top_logprobs or ())
@@ -403,6 +428,14 @@ class CloudLink:
     def _chunks(self, hidden: np.ndarray) -> list[tuple[int, np.ndarray]]:
         step = self._max_rows()
         return [(lo, hidden[lo:lo + step]) for lo in range(0, max(len(hidden), 1), step)]
+
+
+def _checks(check: dict[int, int] | None, start: int, rows: int) -> tuple[tuple[int, int], ...] | None:
+    """The agreement checks that fall on the rows [start, start+rows) of one frame, ascending."""
+    if not check:
+        return None
+    mine = tuple((p, int(t)) for p, t in sorted(check.items()) if start <= p < start + rows)
+    return mine or None
 
 
 def hidden_row_bytes(codec: Codec, dim: int, block: int) -> int:

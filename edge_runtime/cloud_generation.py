@@ -161,24 +161,27 @@ class CloudSession:
         self.cloud_len = target
 
     async def infer(self, rows: np.ndarray, sampling: Sampling = GREEDY, top_n: int = 0,
-                    logprobs: int | None = None, mask: bytes | None = None) -> InferResult:
-        """Record h_K of the next positions and get the token that follows them."""
+                    logprobs: int | None = None, mask: bytes | None = None,
+                    check: dict[int, int] | None = None) -> InferResult:
+        """Record h_K of the next positions and get the token that follows them.
+        check: position -> the edge's own token after it, for the cloud to check (collab)."""
         self.record(rows)
 
         async def call() -> InferResult:
             return await self.link.infer(self.sid, self.cloud_len, self.rows(self.cloud_len, self.n, rows), sampling,
-                                         top_n, logprobs, mask=mask)
+                                         top_n, logprobs, mask=mask, check=check)
 
         res = await self._retrying(call)
         self.cloud_len = res.length
         return res
 
-    async def append_lazy(self, rows: np.ndarray) -> None:
-        """Record and upload without waiting (collab mode); failures surface on the next call."""
+    async def append_lazy(self, rows: np.ndarray, check: dict[int, int] | None = None) -> None:
+        """Record and upload without waiting (collab mode); failures surface on the next call.
+        check: as in `infer` (its counts come back with the session's next reply)."""
         self.record(rows)
         try:
             self.cloud_len = await self.link.append(self.sid, self.cloud_len,
-                                                    self.rows(self.cloud_len, self.n, rows), ack=False)
+                                                    self.rows(self.cloud_len, self.n, rows), ack=False, check=check)
         except (LinkDown, ShuttingDown):
             pass  # the next infer/verify replays what is missing
         except UnknownSession:  # an earlier append's deferred answer: the cloud lost the session

@@ -15,6 +15,11 @@ the engine produced them.
   rest piggybacked on the next `infer`. A row is recorded once in the request's CloudSession
   and sent from `cloud_len` only, so no position goes up twice (the cloud would refuse an
   overlap as `position_gap` anyway); a replay happens only after the cloud lost the session.
+  Live agreement: for a `collab_check_share` of the tokens the exit emits (picked by a hash of
+  the position, so deterministic), the frame carrying that position's row also carries the exit
+  head's own greedy token there (`check`); the cloud compares it with the deep model's greedy
+  token in the same pass and returns the counts (`fogline.agreement`, and what `auto` learns
+  collab's a_τ from). Nothing extra is sent for it but a pair of ints per checked token.
 * `spec`   — LayerSkip over the network with PicoSpec's pipeline: the edge drafts a block of γ
   tokens (held, not emitted), sends their h_K with `verify`, and keeps drafting the next block
   while the verdict is in flight. The engine emits the accepted drafts + the cloud's
@@ -148,11 +153,12 @@ class CloudBridge:
 
     def __init__(self, link: CloudLink, loop: asyncio.AbstractEventLoop, *, deadline_s: float,
                  history_limit: int, tau: float, spec_gamma: int, ping_s: float = 2.0,
-                 on_fallback: Callable[[str, str], None] | None = None) -> None:
+                 check_share: float = 0.25, on_fallback: Callable[[str, str], None] | None = None) -> None:
         self.link, self.loop = link, loop
         self.deadline_s = deadline_s or None
         self.history_limit = history_limit
         self.tau, self.spec_gamma, self.ping_s = tau, spec_gamma, ping_s
+        self.check_share = check_share  # collab: share of edge-emitted tokens the cloud checks
         self.on_fallback = on_fallback
         self.rtt_s: float | None = None  # EMA of ping round trips
         # spec verdicts, discounted: accepted drafts and verdicts that rejected one (auto's acceptance)
@@ -171,6 +177,16 @@ class CloudBridge:
         """A spec verdict: `accepted` of `drafted` drafts (drafts after a rejection are never judged)."""
         self._accepted = 0.98 * self._accepted + accepted
         self._rejected = 0.98 * self._rejected + (1 if accepted < drafted else 0)
+
+    @property
+    def cloud_queue_ms(self) -> float | None:
+        """EMA of the time a step waits in the cloud's batcher queue, as the cloud reports it."""
+        return self.link.cloud_queue_ms
+
+    @property
+    def cloud_step_ms(self) -> float | None:
+        """EMA of the cloud's batched deep-layer pass time, as the cloud reports it."""
+        return self.link.cloud_step_ms
 
     @property
     def acceptance(self) -> float | None:
@@ -298,6 +314,9 @@ class _Req:
     q: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # spec sampling: position -> q
     seeded: bool = False  # spec: sampled with a seed -> fixed γ, no pipelining (reproducible)
     masks: dict[int, bytes] = field(default_factory=dict)  # structured output, spec: position -> packed mask
+    # collab: agreement checks not sent yet, row position -> the exit head's greedy token after it
+    checks: dict[int, int] = field(default_factory=dict)
+    check_from: int = 0  # collab: rows below this are not checked (prompt, or history before a rejoin)
 
 
 class _CloudSource:
@@ -352,6 +371,7 @@ class _CloudSource:
         """The response's figures are the meter's: frames really sent and received."""
         m = st.cs.meter
         st.stats.bytes_up, st.stats.bytes_down, st.stats.cloud_round_trips = m.up, m.down, m.round_trips
+        st.stats.checked, st.stats.agreed = m.checked, m.agreed
 
     async def _guarded(self, rid: str, st: _Req, what: str, body: Callable[[], Awaitable[None]], *,
                        quiet: bool = False) -> None:
@@ -441,7 +461,7 @@ class _CloudSource:
         """Take the cloud back: a fresh session that gets the whole h_K history (st.recorded = 0)."""
         rid = step.request.request_id
         st = _Req(self._session(old.cs.meter), old.stats, gamma=step.request.gamma or self.bridge.spec_gamma,
-                  rejoins=old.rejoins + 1)
+                  rejoins=old.rejoins + 1, check_from=step.position)  # the replayed history is not checked
         with self._mu:
             if self._reqs.get(rid) is old:
                 self._reqs[rid] = st
@@ -487,15 +507,25 @@ class _CloudSource:
         st.failed, st.rejoinable = True, False
         self.engine.abort(rid, f"internal error on the edge's cloud path ({what})")
 
+    @staticmethod
+    def _take_checks(st: _Req) -> dict[int, int] | None:
+        """The pending agreement checks; they go with the frame carrying rows up to `st.recorded`."""
+        if not st.checks:
+            return None
+        out, st.checks = st.checks, {}
+        return out
+
     def _infer(self, step: ExitStep, st: _Req, rows: np.ndarray, lazy: np.ndarray | None = None) -> None:
         """Ask the cloud for position step.position's token; deliver it (or fall back)."""
         rid, params = step.request.request_id, step.request.params
         sampling = wire_sampling(params)
         mask = pack_mask(step.mask) if step.mask is not None else None  # structured output
         n_lp = params.top_logprobs if params.logprobs else 0
+        check = self._take_checks(st)
 
         async def run() -> None:
-            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1, logprobs=n_lp, mask=mask))
+            res = await self._exchange(st, lambda: st.cs.infer(rows, sampling, top_n=1, logprobs=n_lp, mask=mask,
+                                                               check=check))
             if res is None or st.failed:
                 return
             conf = res.top[0][1] if res.top else 0.0
@@ -506,8 +536,10 @@ class _CloudSource:
         self._spawn(step, st, "infer", run)
 
     def _append_lazy(self, step: ExitStep, st: _Req, rows: np.ndarray) -> None:
+        check = self._take_checks(st)
+
         async def run() -> None:
-            await self._exchange(st, lambda: st.cs.append_lazy(rows))
+            await self._exchange(st, lambda: st.cs.append_lazy(rows, check))
 
         self._spawn(step, st, "lazy append", run)
 
@@ -542,12 +574,25 @@ class CollabSource(_CloudSource):
             return choice
         tau = step.request.tau if step.request.tau is not None else self.bridge.tau
         if choice.confidence >= tau:
+            self._maybe_check(step, st)
             pending = step.position - st.recorded
             if st.recorded == 0 or pending >= LAZY_BATCH:  # the prompt at once, then in batches
                 self._append_lazy(step, st, self._rows(step, st, step.position))
             return choice
         self._infer(step, st, self._rows(step, st, step.position))
         return None
+
+    def _maybe_check(self, step: ExitStep, st: _Req) -> None:
+        """Pick this exit (position P, decided from row P-1) for an agreement check, by a hash of P.
+        The check is the exit head's greedy token, whatever the request samples: agreement means
+        the two argmaxes match (as the bundle's calibration measures it). Not under a structured
+        output mask (the edge's choice there is not the head's free argmax)."""
+        P = step.position
+        if step.mask is not None or P - 1 < max(st.check_from, len(step.request.prompt) - 1):
+            return
+        if ((P * 0x9E3779B1) & 0xFFFFFFFF) >= self.bridge.check_share * 0x100000000:
+            return
+        st.checks[P - 1] = int(np.argmax(step.logits))
 
 
 class SpecSource(_CloudSource):

@@ -97,6 +97,9 @@ class EdgeConfig:
     tau: float = 0.9
     # Spec mode: initial draft block length (adapted per request within [1, 2*spec_gamma]).
     spec_gamma: int = 4
+    # Collab: share of the edge-emitted tokens the cloud checks against the deep model's greedy
+    # token (one extra head row each, no extra round trip): the live agreement `auto` learns from.
+    collab_check_share: float = 0.25
     # Seconds between RTT pings on the cloud link.
     cloud_ping_s: float = 2.0
     # --- the auto mode and the device monitor
@@ -187,6 +190,7 @@ def _validate(cfg: EdgeConfig) -> None:
     need(16 <= cfg.replay_history_tokens <= 1 << 20, "replay_history_tokens", "must be in 16..1048576")
     need(0.0 <= cfg.tau <= 1.0, "tau", "must be in 0..1")
     need(1 <= cfg.spec_gamma <= 32, "spec_gamma", "must be in 1..32")
+    need(0.0 <= cfg.collab_check_share <= 1.0, "collab_check_share", "must be in 0..1")
     need(0.05 <= cfg.cloud_ping_s <= 3600, "cloud_ping_s", "must be in 0.05..3600")
     need(0 < cfg.slo_ms <= 3_600_000, "slo_ms", "must be in (0, 3600000] ms/token")
     need(0.0 <= cfg.min_quality <= 1.0, "min_quality", "must be in 0..1")

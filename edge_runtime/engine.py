@@ -76,6 +76,9 @@ class FoglineStats:
     drafted: int = 0
     accepted: int = 0
     rejections: int = 0
+    # collab: exit tokens the cloud checked against the deep model's greedy token, and agreeing
+    checked: int = 0
+    agreed: int = 0
     auto: dict[str, object] | None = None  # the auto policy's decision, when the request asked for `auto`
     # each time the request left the cloud: {at_token, reason, rejoined_at_token (None: never came back)};
     # token counts are completion tokens emitted before that moment
@@ -99,6 +102,9 @@ class FoglineStats:
         d: dict[str, object] = {"mode": self.mode, "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
                                 "fallback": self.fallback, "cloud_round_trips": self.cloud_round_trips,
                                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        if self.checked:
+            d["agreement"] = {"checked": self.checked, "agreed": self.agreed,
+                              "rate": round(self.agreed / self.checked, 4)}
         if self.auto is not None:
             d["auto"] = self.auto
         if self.fallbacks:

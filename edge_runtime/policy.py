@@ -233,10 +233,17 @@ class Decision:
 
     def to_fogline(self) -> dict[str, Any]:
         """The response's `fogline.auto` object."""
-        e = self.estimate
+        e, m = self.estimate, self.measurements
+
+        def r(v: float | None, nd: int = 1) -> float | None:
+            return None if v is None else round(v, nd)
         return {"arm": self.arm.name, "mode": self.arm.mode, "reason": self.reason, "slo_ms": self.slo_ms,
                 "predicted_ms_per_token": round(e.latency_ms, 1), "p95_ms_per_token": round(e.latency_hi_ms, 1),
-                "cloud_passes_per_token": round(e.cost, 3), "expected_quality": round(e.quality, 3)}
+                "cloud_passes_per_token": round(e.cost, 3), "expected_quality": round(e.quality, 3),
+                # what the decision was made on (null: not measured yet, the policy's prior was used)
+                "measured": {"edge_tps": r(m.edge_tps), "rtt_ms": r(m.rtt_ms), "cloud_step_ms": r(m.cloud_step_ms),
+                             "cloud_queue_ms": r(m.cloud_queue_ms), "cloud_up": m.cloud_up,
+                             "acceptance": r(m.acceptance, 3)}}
 
 
 @dataclass(frozen=True)

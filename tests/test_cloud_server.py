@@ -186,6 +186,38 @@ async def test_verify_accepts_the_matching_prefix_and_truncates(aiohttp_server, 
         assert r.token == greedy[6]
 
 
+async def test_agreement_checks_and_step_load_come_back_measured(aiohttp_server, demo_bundle, manifest, direct):
+    """collab's live agreement (issue 12.5): the cloud compares the edge's token after each checked
+    row with its own greedy token and reports the counts in the session's next reply (an
+    ack-less append's counts too); every step reply carries its queue wait and pass time."""
+    from edge_runtime.cloud_client import Meter
+
+    server = await start(aiohttp_server, demo_bundle)
+    h = rows(12, 3)
+    greedy = direct_logits(direct, h).argmax(-1).tolist()
+    wrong = {p: (greedy[p] + 1) % 49152 for p in range(12)}
+    async with link_for(server, manifest) as link:
+        meter = Meter()
+        link.attach("c", meter)
+        assert link.cloud_step_ms is None and link.cloud_queue_ms is None
+        # ack-less append: rows 0..5, checks on 1 (right), 2 (wrong), 4 (right)
+        await link.append("c", 0, h[:6], ack=False, check={1: greedy[1], 2: wrong[2], 4: greedy[4]})
+        assert (meter.checked, meter.agreed) == (0, 0)  # no reply yet
+        # infer piggybacks rows 6..8: checks on 6 (wrong), 7 (right); the reply brings all five
+        r = await link.infer("c", 6, h[6:9], check={6: wrong[6], 7: greedy[7]})
+        assert r.token == greedy[8]
+        assert (meter.checked, meter.agreed) == (5, 3)
+        assert link.cloud_step_ms is not None and link.cloud_step_ms > 0
+        assert link.cloud_queue_ms is not None and link.cloud_queue_ms >= 0
+        r = await link.infer("c", 9, h[9:10])  # nothing new to report: the counts do not change
+        assert (meter.checked, meter.agreed) == (5, 3)
+    from cloud_runtime.server import METRICS
+
+    text = server.app[METRICS].render().decode()
+    assert 'fogline_cloud_agreement_checks_total{outcome="agreed"} 3.0' in text
+    assert 'fogline_cloud_agreement_checks_total{outcome="disagreed"} 2.0' in text
+
+
 async def test_lru_eviction_and_replay(aiohttp_server, demo_bundle, manifest, direct):
     from cloud_runtime.server import METRICS, RUNTIME
     from edge_runtime.cloud_generation import CloudSession

@@ -169,7 +169,7 @@ async def test_cloud_failures_at_every_await_point_end_in_edge_mode(aiohttp_serv
         # request's lock: the infer queued behind it still ends at the deadline, not never
         orig = CloudLink.append
 
-        async def stalled(self: Any, session: str, start: int, hidden: Any, *, ack: bool = True) -> int:
+        async def stalled(self: Any, session: str, start: int, hidden: Any, *, ack: bool = True, **_: Any) -> int:
             if not ack:
                 await asyncio.sleep(STALL_S)
             return await orig(self, session, start, hidden, ack=ack)

@@ -215,3 +215,25 @@ def test_logprob_fields_round_trip_and_a_q_without_its_draft_is_refused():
     short = Verdict(id=4, session="s", accepted=1, token=3, length=2, logprobs=(-0.5,))
     with pytest.raises(BadFrame):
         decode_frame(encode_frame(short))
+
+
+def test_load_and_agreement_check_fields_round_trip_and_are_validated():
+    """Issue 12.5: replies carry the cloud's queue/step times and check counts; an append or
+    infer's checks must name rows of its own frame, ascending, with token ids."""
+    for m in (Append(id=1, session="s", start=4, h=H, ack=False, check=((4, 7), (6, 9))),
+              Infer(id=2, session="s", start=4, h=H, check=((5, 1),)),
+              Ack(id=1, session="s", length=7, queue_ms=0.5, step_ms=12.25, checked=3, agreed=2),
+              TokenReply(id=2, session="s", token=4, length=8, queue_ms=0.0, step_ms=9.0),
+              Verdict(id=4, session="s", accepted=1, token=3, length=2, step_ms=20.0, checked=1, agreed=0)):
+        assert decode_frame(encode_frame(m)) == m
+    for check, why in ((((3, 7),), "not a row of this frame"), (((7, 7),), "not a row of this frame"),
+                       (((5, 1), (5, 2)), "ascending and distinct"), (((6, 1), (5, 2)), "ascending"),
+                       (((5, -1),), "not a token id"), (((5,),), r"\[position, token\] pairs")):
+        raw = Infer(id=2, session="s", start=4, h=H).to_wire()
+        raw["check"] = [list(c) for c in check]
+        with pytest.raises(BadFrame, match=why):
+            decode_frame(msgpack.packb(raw, use_bin_type=True))
+    for extra in ({"checked": 2}, {"checked": 1, "agreed": 2}, {"step_ms": -1.0}):
+        raw = {**TokenReply(id=2, session="s", token=4, length=8).to_wire(), **extra}
+        with pytest.raises(BadFrame):
+            decode_frame(msgpack.packb(raw, use_bin_type=True))

@@ -8,9 +8,10 @@ cloud computes on it only if `start` is exactly the position it expects.
 
     client -> server                           server -> client
     hello    version fingerprint split token    hello_ok  limits, codecs, model facts
-    append   id session start h [ack]           ack       id session length
-    infer    id session start h sampling top_n  token     id session token length top
-    verify   id session start h draft sampling  verdict   id session accepted token length
+    append   id session start h [ack] [check]   ack       id session length [load] [checks]
+    infer    id session start h sampling top_n  token     id session token length top [load] [checks]
+             [check]
+    verify   id session start h draft sampling  verdict   id session accepted token length [load] [checks]
     truncate id session length                  ack
     close    id session                         ack
     ping     id stamp                           pong      id stamp
@@ -23,6 +24,17 @@ h_K of draft[i]). The cloud accepts the longest prefix of drafts that matches
 its own choice, returns it as `accepted`, plus its own token for the first
 position it did not accept (or the bonus token after the last draft), and keeps
 only positions [start, start+accepted+1) in its cache (`length`).
+
+Load (`queue_ms`, `step_ms`): every ack/token/verdict that answers a deep-layer step says how
+long that step waited in the cloud's batcher queue and how long its batched pass took, both
+measured on the cloud; the edge's `auto` policy adds them to the link RTT (edge_runtime/policy.py).
+
+Agreement checks (`check`, answered by `checked`/`agreed`): an append or infer may list
+`(position, token)` pairs, each a row of the frame and the token the edge emitted after it on
+its own (collab's confident exits). The cloud compares its greedy choice at those rows with
+the edge's token and reports, in the session's next reply, how many it checked and how many
+agreed since its last reply (an ack-less append has no reply of its own). That is collab's
+live agreement, measured by the full model on the edge's real traffic.
 
 Structured output: `infer` may carry `mask` and `verify` `masks` (one per row): the edge's
 token masks (fogline/constraint.py) of the positions the cloud decides; with them the cloud
@@ -123,6 +135,8 @@ class Append(Message):
     start: int
     h: HiddenFrame
     ack: bool = True
+    # agreement checks: (position, edge token after it) for rows of this frame (see the module doc)
+    check: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +158,7 @@ class Infer(Message):
     # structured output: the allowed tokens of position start+rows (fogline/constraint.py's
     # zlib-compressed bitmask); the cloud chooses among them only
     mask: bytes | None = None
+    check: tuple[tuple[int, int], ...] | None = None  # as Append.check
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +236,12 @@ class Ack(Message):
     id: int
     session: str
     length: int  # positions the cloud now holds for the session
+    # the step this answers (an append's): batcher queue wait and pass time on the cloud, ms
+    queue_ms: float | None = None
+    step_ms: float | None = None
+    # agreement checks of this session settled since its last reply (see the module doc)
+    checked: int | None = None
+    agreed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +254,10 @@ class TokenReply(Message):
     top: tuple[tuple[int, float], ...] = ()
     logprob: float | None = None  # only when the infer asked for logprobs
     top_logprobs: tuple[tuple[int, float], ...] | None = None
+    queue_ms: float | None = None  # as Ack
+    step_ms: float | None = None
+    checked: int | None = None
+    agreed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +271,10 @@ class Verdict(Message):
     # Only when the verify asked for logprobs: accepted + 1 entries, the accepted drafts then `token`.
     logprobs: tuple[float, ...] | None = None
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    queue_ms: float | None = None  # as Ack
+    step_ms: float | None = None
+    checked: int | None = None
+    agreed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +439,36 @@ class _Reader:
             out.append((p[0], float(p[1])))
         return tuple(out)
 
+    def check(self, start: int, rows: int) -> tuple[tuple[int, int], ...] | None:
+        """Agreement checks: ascending, distinct (position, token) pairs on rows of this frame."""
+        v = self.list("check", MAX_ROWS, default=None)
+        if v is None:
+            return None
+        out: list[tuple[int, int]] = []
+        for p in v:
+            if (not isinstance(p, list) or len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in p)):
+                raise BadFrame(f"{self.kind}.check must be a list of [position, token] pairs")
+            pos, tok = p
+            if not start <= pos < start + rows:
+                raise BadFrame(f"{self.kind}.check position {pos} is not a row of this frame "
+                               f"[{start}, {start + rows})")
+            if out and pos <= out[-1][0]:
+                raise BadFrame(f"{self.kind}.check positions must be ascending and distinct")
+            if not 0 <= tok < (1 << 31):
+                raise BadFrame(f"{self.kind}.check token {tok} is not a token id")
+            out.append((pos, tok))
+        return tuple(out)
+
+    def load(self) -> dict[str, Any]:
+        """The optional step-load and check-count fields of a reply."""
+        checked = self.int("checked", 0, MAX_ROWS * 1024, default=None)
+        agreed = self.int("agreed", 0, MAX_ROWS * 1024, default=None)
+        if (checked is None) != (agreed is None) or (checked is not None and agreed > checked):
+            raise BadFrame(f"{self.kind}: checked/agreed must come together, agreed <= checked")
+        return {"queue_ms": self.float("queue_ms", 0.0, 1e9, default=None),
+                "step_ms": self.float("step_ms", 0.0, 1e9, default=None), "checked": checked, "agreed": agreed}
+
     def logprob(self, v: Any, where: str) -> float:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v <= 1e-6):
             raise BadFrame(f"{where} must be a finite log-probability (<= 0)")
@@ -437,12 +496,15 @@ def _parse(kind: str, r: _Reader) -> Message:
                      token=r.str("token", MAX_TEXT, default=""), client=r.str("client", 128, default=""),
                      version=version)
     if kind == "append":
-        return Append(id=r.int("id"), session=r.session(), start=r.int("start", 0, MAX_POSITION),
-                      h=r.hidden(), ack=r.bool("ack", default=True))
+        req_id, session, start, h = r.int("id"), r.session(), r.int("start", 0, MAX_POSITION), r.hidden()
+        return Append(id=req_id, session=session, start=start, h=h, ack=r.bool("ack", default=True),
+                      check=r.check(start, h.rows))
     if kind == "infer":
-        return Infer(id=r.int("id"), session=r.session(), start=r.int("start", 0, MAX_POSITION),
-                     h=r.hidden(), sampling=r.sampling(), top_n=r.int("top_n", 0, MAX_TOP_N, default=0),
-                     logprobs=r.int("logprobs", 0, MAX_TOP_N, default=None), mask=r.bytes("mask", default=None))
+        req_id, session, start, h = r.int("id"), r.session(), r.int("start", 0, MAX_POSITION), r.hidden()
+        return Infer(id=req_id, session=session, start=start, h=h, sampling=r.sampling(),
+                     top_n=r.int("top_n", 0, MAX_TOP_N, default=0),
+                     logprobs=r.int("logprobs", 0, MAX_TOP_N, default=None), mask=r.bytes("mask", default=None),
+                     check=r.check(start, h.rows))
     if kind == "verify":
         req_id, session, start, h = r.int("id"), r.session(), r.int("start", 0, MAX_POSITION), r.hidden()
         draft = r.ints("draft", MAX_DRAFT)
@@ -483,14 +545,14 @@ def _parse(kind: str, r: _Reader) -> Message:
                        max_context=r.int("max_context", 1), session_ttl_s=r.float("session_ttl_s", 0, 1e12),
                        codecs=tuple(codecs), version=version)
     if kind == "ack":
-        return Ack(id=r.int("id"), session=r.session(), length=r.int("length", 0, MAX_POSITION))
+        return Ack(id=r.int("id"), session=r.session(), length=r.int("length", 0, MAX_POSITION), **r.load())
     if kind == "token":
         return TokenReply(id=r.int("id"), session=r.session(), token=r.int("token", 0, 1 << 31),
                           length=r.int("length", 0, MAX_POSITION),
                           top=r.pairs(r.list("top", MAX_TOP_N, default=[]), "token.top", MAX_TOP_N),
                           logprob=None if r.d.get("logprob") is None else r.logprob(r.d["logprob"], "token.logprob"),
                           top_logprobs=None if r.d.get("top_logprobs") is None
-                          else r.logprob_pairs(r.d["top_logprobs"], "token.top_logprobs"))
+                          else r.logprob_pairs(r.d["top_logprobs"], "token.top_logprobs"), **r.load())
     if kind == "verdict":
         accepted = r.int("accepted", 0, MAX_DRAFT)
         lps = tops = None
@@ -502,7 +564,7 @@ def _parse(kind: str, r: _Reader) -> Message:
                 raise BadFrame("verdict.logprobs / top_logprobs need one entry per settled token (accepted + 1)")
         return Verdict(id=r.int("id"), session=r.session(), accepted=accepted,
                        token=r.int("token", 0, 1 << 31), length=r.int("length", 0, MAX_POSITION),
-                       logprobs=lps, top_logprobs=tops or None)
+                       logprobs=lps, top_logprobs=tops or None, **r.load())
     if kind == "pong":
         return Pong(id=r.int("id"), stamp=r.float("stamp", -1e300, 1e300, default=0.0))
     if kind == "error":
