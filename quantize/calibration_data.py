@@ -42,7 +42,7 @@ from fogline.errors import ConfigError, ExportError
 HELDOUT_EVERY = 8
 MIN_PROMPTS = 2 * HELDOUT_EVERY  # at least two held-out prompts
 TOP_K = 32  # teacher log-probs kept per generated position
-DATA_VERSION = 2  # bump when generation or storage changes
+DATA_VERSION = 3  # bump when generation or storage changes
 
 Messages = list[dict[str, str]]
 
@@ -249,7 +249,12 @@ class DataConfig:
     max_new_tokens: int = 160
     temperature: float = 0.8
     seed: int = 0
-    n_parallel: int = 16
+    n_parallel: int = 16  # llama.cpp sequences per worker
+    # worker processes, one llama.cpp thread each: llama.cpp's decode of a 16-row batch is
+    # compute-bound, and two 1-thread processes make 151 tok/s on a 2-core box where one
+    # process makes 81 (1 thread) or 124 (2 threads, barrier waits); answer i always gets the
+    # same RNG, but which answers a token budget cuts depends on the split, hence in the key
+    workers: int = 1
 
 
 def render_prompt(tokenizer: Any, msgs: Messages) -> str:
@@ -305,12 +310,21 @@ def build_calibration_set(full_gguf: Path, tokenizer: Any, fingerprint: str, pro
         train_tok = [t for t in encode(train_p) if len(t) <= MAX_PROMPT_TOKENS]
         if not held_tok or not train_tok:
             raise ExportError(f"calibration prompts are longer than {MAX_PROMPT_TOKENS} tokens")
-        heldout = generate(model, held_tok, cfg, greedy=True, token_budget=None, desc="held-out answers",
-                           progress=progress, threads=threads)
-        train = generate(model, train_tok, cfg, greedy=False, token_budget=cfg.train_tokens,
-                         desc="training answers", progress=progress, threads=threads)
+        prefill_rate, decode_rate = generation_rates(model, cfg)
     finally:
         model.close()
+    train_want = cfg.train_tokens if cfg.train_tokens else len(train_tok) * EXPECTED_ANSWER_TOKENS
+    want = len(held_tok) * EXPECTED_ANSWER_TOKENS + train_want
+    mean_prompt = sum(map(len, held_tok + train_tok)) / len(held_tok + train_tok)
+    prompt_want = (len(held_tok) + train_want / EXPECTED_ANSWER_TOKENS) * mean_prompt
+    est = (prompt_want / prefill_rate + want / decode_rate) / cfg.workers
+    log(f"calibration data: ~{want} answer tokens (and ~{prompt_want:.0f} prompt tokens) to generate over "
+        f"{cfg.workers} worker(s); estimated ~{est:.0f} s (measured per worker: {decode_rate:.0f} answer "
+        f"tokens/s, {prefill_rate:.0f} prompt tokens/s)")
+    heldout = generate_parallel(full_gguf, held_tok, cfg, greedy=True, token_budget=None,
+                                desc="held-out answers", progress=progress, threads=threads)
+    train = generate_parallel(full_gguf, train_tok, cfg, greedy=False, token_budget=cfg.train_tokens,
+                              desc="training answers", progress=progress, threads=threads)
     cs = CalibrationSet(train=train, heldout=heldout, key=key,
                         info={"prompts": len(prompts), "train_prompts": len(train), "heldout_prompts": len(heldout),
                               "generate_seconds": round(time.time() - t0, 1), "temperature": cfg.temperature,
@@ -324,10 +338,72 @@ def build_calibration_set(full_gguf: Path, tokenizer: Any, fingerprint: str, pro
 
 MAX_PROMPT_TOKENS = 384
 MAX_PASSES = 8  # a token budget larger than one answer per prompt reuses prompts up to this often
+EXPECTED_ANSWER_TOKENS = 125  # mean answer length on the built-in prompts (for the time estimate only)
+
+
+def generation_rates(model: Any, cfg: DataConfig, threads: int = 1) -> tuple[float, float]:
+    """(prompt tokens/s, answer tokens/s) of one worker here, from a timed prefill of
+    `cfg.n_parallel` 32-token prompts and three decode steps of as many rows (the phase's time
+    estimate; a second or two)."""
+    from edge_runtime.llama_backend import BatchRow, LlamaContext
+
+    n, p0 = cfg.n_parallel, 32
+    ctx = LlamaContext(model, n_ctx=64 * n, n_batch=512, n_seq=n, n_threads=threads)
+    try:
+        t0 = time.perf_counter()
+        ctx.decode([BatchRow(1, p, s, p == p0 - 1) for s in range(n) for p in range(p0)])
+        t1 = time.perf_counter()
+        for p in range(p0, p0 + 3):
+            ctx.decode([BatchRow(1, p, s, True) for s in range(n)])
+        t2 = time.perf_counter()
+        return n * p0 / max(t1 - t0, 1e-6), 3 * n / max(t2 - t1, 1e-6)
+    finally:
+        ctx.close()
+
+
+def generate_parallel(full_gguf: Path, prompts: list[list[int]], cfg: DataConfig, *, greedy: bool,
+                      token_budget: int | None, desc: str, progress: bool = True,
+                      threads: int | None = None) -> list[Sample]:
+    """`generate` over `cfg.workers` processes (spawned, one llama.cpp thread each): answer i
+    goes to worker i % workers, each worker gets an equal share of the token budget."""
+    if cfg.workers <= 1:
+        from edge_runtime.llama_backend import LlamaModel
+
+        model = LlamaModel(full_gguf)
+        try:
+            return generate(model, prompts, cfg, greedy=greedy, token_budget=token_budget, desc=desc,
+                            progress=progress, threads=threads)
+        finally:
+            model.close()
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    w = cfg.workers
+    share = None if token_budget is None else -(-token_budget // w)
+    with ProcessPoolExecutor(w, mp_context=mp.get_context("spawn")) as pool:
+        futs = [pool.submit(_generate_worker, str(full_gguf), prompts, cfg, greedy, share, k, w)
+                for k in range(w)]
+        parts = [f.result() for f in futs]
+    merged = {i: smp for part in parts for i, smp in part}
+    return [merged[i] for i in sorted(merged)]
+
+
+def _generate_worker(full_gguf: str, prompts: list[list[int]], cfg: DataConfig, greedy: bool,
+                     token_budget: int | None, k: int, w: int) -> list[tuple[int, Sample]]:
+    """One worker process: the answers i with i % w == k, on one llama.cpp thread."""
+    from edge_runtime.llama_backend import LlamaModel
+
+    model = LlamaModel(Path(full_gguf))
+    try:
+        return generate(model, prompts, cfg, greedy=greedy, token_budget=token_budget, desc="", progress=False,
+                        threads=1, shard=(k, w), indexed=True)
+    finally:
+        model.close()
 
 
 def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: bool, token_budget: int | None,
-             desc: str, progress: bool = True, threads: int | None = None) -> list[Sample]:
+             desc: str, progress: bool = True, threads: int | None = None, shard: tuple[int, int] = (0, 1),
+             indexed: bool = False) -> Any:
     """Answer prompts with continuous batching over `cfg.n_parallel` llama.cpp sequences.
 
     Sampling uses one RNG per answer (seeded by `cfg.seed` and the answer's index).
@@ -335,13 +411,19 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
     the budget is met, at most MAX_PASSES times each.
     Stops once `token_budget` answer tokens exist; the answers then in flight are
     kept as they are (prefixes of the full model's answers).
+    shard (k, w): answer only the jobs i with i % w == k (a worker's share).
+    indexed: return [(answer index, Sample)] instead of the Samples in index order.
     """
     from tqdm import tqdm
 
     from edge_runtime.llama_backend import BatchRow, LlamaContext
 
     # With a token budget, prompts are answered again (fresh samples) until it is met.
-    n_jobs = len(prompts) * (MAX_PASSES if token_budget is not None and not greedy else 1)
+    n_all = len(prompts) * (MAX_PASSES if token_budget is not None and not greedy else 1)
+    jobs = list(range(shard[0], n_all, shard[1]))
+    n_jobs = len(jobs)
+    if n_jobs == 0:
+        return []
     n_par = min(cfg.n_parallel, n_jobs)
     seq_ctx = MAX_PROMPT_TOKENS + cfg.max_new_tokens + 8
     ctx = LlamaContext(model, n_ctx=seq_ctx * n_par, n_batch=512, n_seq=n_par, n_threads=threads)
@@ -355,7 +437,7 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
         while True:
             for s in range(n_par):  # refill free slots
                 if slots[s] is None and next_prompt < n_jobs:
-                    i = next_prompt
+                    i = jobs[next_prompt]
                     next_prompt += 1
                     ctx.remove(s)
                     slots[s] = {"i": i, "pending": list(prompts[i % len(prompts)]), "pos": 0, "answer": [], "ids": [], "logp": [],
@@ -411,6 +493,8 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
     finally:
         bar.close()
         ctx.close()
+    if indexed:
+        return sorted(results.items())
     return [results[i] for i in sorted(results)]
 
 

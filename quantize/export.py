@@ -250,7 +250,7 @@ def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: Exp
     areq = ea.AdapterRequest(blocks=req.exit_adapter, calib_text=req.calib_text,
                              budget=ea.parse_budget(req.calib_budget), seed=req.seed, threads=req.threads,
                              progress=req.progress)
-    threads = ea.llama_threads(req.threads)
+    threads = ea.export_threads(req.threads)
     edge_path, base = edge_dir / EDGE_GGUF, edge_dir / "edge.base.gguf"
     os.replace(edge_path, base)
 
@@ -294,7 +294,8 @@ def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: Exp
                    "split_advice": cal.split_advice(src.spec, src.fingerprint(), quant, areq, data.key, split,
                                                     choice)}
     info = {k: result.info[k] for k in ("blocks", "init_layers", "steps", "epochs", "train_positions", "final_loss",
-                                        "train_seconds", "train_cpu_seconds", "seed", "cache_key", "recipe")
+                                        "train_seconds", "train_cpu_seconds", "seed", "cache_key", "recipe",
+                                        "val_agreement_by_epoch", "early_stopped", "best_epoch", "hidden_seconds")
             if k in result.info}
     info.update({"cached": cached, "gguf_blocks": split + req.exit_adapter, "h_k_tap_layer": split - 1,
                  "heldout_agreement_torch": result.info.get("heldout_agreement_torch")})

@@ -250,3 +250,69 @@ def test_confidence_stop_simulation_matches_plain_chain_at_c0():
     plain = spec_accepted_length(ExitStats(confidence=conf, correct=correct, lengths=lengths), gamma=4)
     assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.0) == pytest.approx(plain)
     assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.9) < plain
+
+
+def _synthetic_set(n: int, seed: int = 0):
+    """n short training answers with random h_K rows and a random teacher top-k (the stop rule's
+    mechanics, not quality: quality is bench_exit's)."""
+    from quantize.calibration_data import TOP_K, CalibrationSet, Sample
+
+    rng = np.random.default_rng(seed)
+    samples, hidden = [], []
+    for _ in range(n):
+        prompt, answer = rng.integers(0, 49152, 6).tolist(), rng.integers(0, 49152, 6).tolist()
+        ids = rng.integers(0, 49152, (len(answer), TOP_K)).astype(np.int32)
+        ids[:, 0] = answer
+        logp = np.sort(np.log(rng.dirichlet(np.ones(TOP_K + 1), len(answer))[:, :TOP_K]), axis=1)[:, ::-1]
+        samples.append(Sample(prompt=prompt, answer=answer, topk_ids=ids, topk_logp=logp.astype(np.float16)))
+        hidden.append(rng.standard_normal((len(prompt) + len(answer) - 1, 576)).astype(np.float16))
+    return CalibrationSet(train=samples, heldout=[], key="synthetic", info={}), hidden
+
+
+@pytest.mark.parametrize("min_gain, stops", [(1.0, True), (None, False)])
+def test_training_stops_when_validation_agreement_stops_rising(demo_source, min_gain, stops):
+    """Issue 11.5: with an unreachable gain the schedule stops after `min_epochs` and says so; with
+    the rule off it runs every epoch and holds nothing out."""
+    import dataclasses
+
+    from quantize.exit_adapter import VAL_EVERY, AdapterConfig, train_adapter
+
+    data, hidden = _synthetic_set(4 * VAL_EVERY)
+    cfg = dataclasses.replace(AdapterConfig(), epochs=4, stop_min_gain=min_gain, min_epochs=2)
+    info = train_adapter(demo_source, DEMO_SPLIT, cfg, data, hidden, None, seed=0, log=lambda _m: None,
+                         progress=False, torch_threads=1).info
+    assert info["early_stopped"] is stops, info
+    if stops:
+        assert len(info["val_agreement_by_epoch"]) == 2 and info["epochs"] < 4, info
+    else:
+        assert info["val_agreement_by_epoch"] == [] and info["epochs"] == 4, info
+
+
+def test_answers_generated_by_two_worker_processes_are_the_ones_one_process_writes(demo_source):
+    """Issue 11.5: calibration answers over two spawned 1-thread workers (answer i on worker i % 2)
+    are the very answers one process writes: greedy and sampled, each answer keeps its own RNG."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from edge_runtime.llama_backend import LlamaModel
+    from quantize.calibration_data import DataConfig, builtin_prompts, generate_parallel, render_prompt
+    from quantize.source import demo_gguf_path
+
+    tok = AutoTokenizer.from_pretrained(demo_source.tokenizer_dir)
+    model = LlamaModel(demo_gguf_path())
+    try:
+        prompts = [model.tokenize(render_prompt(tok, m), add_special=False, parse_special=True)
+                   for m in builtin_prompts()[:6]]
+    finally:
+        model.close()
+    cfg = DataConfig(max_new_tokens=12, n_parallel=4)
+    for greedy in (True, False):
+        one = generate_parallel(demo_gguf_path(), prompts, cfg, greedy=greedy, token_budget=None, desc="",
+                                progress=False, threads=1)
+        two = generate_parallel(demo_gguf_path(), prompts, dataclasses.replace(cfg, workers=2), greedy=greedy,
+                                token_budget=None, desc="", progress=False)
+        assert [s.prompt for s in two] == prompts
+        assert [s.answer for s in two] == [s.answer for s in one], greedy
+        if not greedy:
+            assert all(np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(one, two))

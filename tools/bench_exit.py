@@ -131,13 +131,13 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
     from fogline.manifest import load_manifest
     from quantize import calibrate as cal
     from quantize.calibration_data import DataConfig, generate, read_calib_text, render_prompt
-    from quantize.exit_adapter import full_model_gguf, llama_threads
+    from quantize.exit_adapter import export_threads, full_model_gguf
     from quantize.source import load_source
     from edge_runtime.llama_backend import LlamaModel
 
     m = load_manifest(bundle / "edge")
     src = load_source(source)
-    th = llama_threads(threads)
+    th = export_threads(threads)
     log = lambda line: print("  " + line, file=sys.stderr, flush=True)  # noqa: E731
     try:
         full = full_model_gguf(src, source, th, log)
