@@ -350,6 +350,8 @@ def generation_rates(model: Any, cfg: DataConfig, threads: int = 1) -> tuple[flo
     n, p0 = cfg.n_parallel, 32
     ctx = LlamaContext(model, n_ctx=64 * n, n_batch=512, n_seq=n, n_threads=threads)
     try:
+        ctx.decode([BatchRow(1, 0, 0, True)])  # warm-up: first-call costs are not the rate
+        ctx.remove(0)
         t0 = time.perf_counter()
         ctx.decode([BatchRow(1, p, s, p == p0 - 1) for s in range(n) for p in range(p0)])
         t1 = time.perf_counter()
