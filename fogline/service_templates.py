@@ -271,6 +271,9 @@ bundle = "/var/lib/fogline/bundle/edge"
 #tau = 0.9
 # spec: initial draft block length.
 #spec_gamma = 4
+# collab: share of the edge's own tokens the cloud checks against the full model (the live
+# agreement the auto policy learns from; one extra head row each on the cloud).
+#collab_check_share = 0.25
 # Seconds between RTT pings on the cloud link.
 #cloud_ping_s = 2.0
 

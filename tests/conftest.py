@@ -110,8 +110,12 @@ def export_adapter(root: Path, source, calib: Path, name: str, log: list[str]) -
     from quantize.export import ExportRequest, run_export
 
     out = root / name
+    # threads=1: one answer worker, so the bundle is the same on every host (with a token budget,
+    # the worker count decides where answers are cut; tests/test_exit_adapter.py checks that two
+    # workers write the very answers one does when nothing is cut)
     run_export(ExportRequest(source="demo", out=out, split=DEMO_SPLIT, quant="Q8_0", progress=False,
-                             exit_adapter=1, calib_text=str(calib), calib_budget=ADAPTER_BUDGET, seed=0),
+                             exit_adapter=1, calib_text=str(calib), calib_budget=ADAPTER_BUDGET, seed=0,
+                             threads=1),
                log=log.append, source=source)
     return out
 

@@ -95,7 +95,7 @@ def test_manifest_calibration_is_reproduced_by_remeasuring(adapter_bundle, demo_
     assert c is not None and c["positions"] > 0 and c["data"]["heldout_answers"] == 3
     tok = AutoTokenizer.from_pretrained(root / "cloud")
     areq = ea.AdapterRequest(blocks=1, calib_text=str(calib_jsonl), budget=ea.parse_budget(BUDGET), seed=0,
-                             progress=False)
+                             progress=False, threads=1)  # as export_adapter
     data, _ = ea.calibration_set(demo_source, "demo", tok, areq, log=lambda *_: None)  # cache hit
     assert data.key == c["data"]["key"]
     again = cal.calibrate(root / "edge" / "edge.gguf", data.heldout, c["target_agreement"])
