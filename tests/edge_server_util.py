@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -9,8 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +109,19 @@ def wait_cloud_connected(edge: EdgeServer, timeout: float = 60.0) -> dict:
             return body
         time.sleep(0.1)
     raise AssertionError(f"edge never connected to the cloud: {body}")
+
+
+@contextmanager
+def wan_proxy(upstream_port: int, shape=None) -> Iterator:
+    """tools/wanem.py's proxy to 127.0.0.1:upstream_port, on an event loop thread of its own
+    (tests change `wan.shape` and `wan.upstream` while it forwards)."""
+    from tools.wanem import WanEmulator
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    wan = asyncio.run_coroutine_threadsafe(WanEmulator(("127.0.0.1", upstream_port), shape).start(), loop).result(30)
+    try:
+        yield wan
+    finally:
+        asyncio.run_coroutine_threadsafe(wan.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
