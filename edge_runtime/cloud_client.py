@@ -270,10 +270,8 @@ class CloudLink:
             if (checked := getattr(msg, "checked", None)) is not None:
                 meter.checked += checked
                 meter.agreed += msg.agreed  # type: ignore[attr-defined]
-        if (q := getattr(msg, "queue_ms", None)) is not None:
-            self.cloud_queue_ms = q if self.cloud_queue_ms is None else (1 - LOAD_EMA) * self.cloud_queue_ms + LOAD_EMA * q
-        if (t := getattr(msg, "step_ms", None)) is not None:
-            self.cloud_step_ms = t if self.cloud_step_ms is None else (1 - LOAD_EMA) * self.cloud_step_ms + LOAD_EMA * t
+        self.cloud_queue_ms = _ema(self.cloud_queue_ms, getattr(msg, "queue_ms", None))
+        self.cloud_step_ms = _ema(self.cloud_step_ms, getattr(msg, "step_ms", None))
 
     def _route(self, msg: Message) -> None:
         req_id = getattr(msg, "id", None)
@@ -428,6 +426,13 @@ class CloudLink:
     def _chunks(self, hidden: np.ndarray) -> list[tuple[int, np.ndarray]]:
         step = self._max_rows()
         return [(lo, hidden[lo:lo + step]) for lo in range(0, max(len(hidden), 1), step)]
+
+
+def _ema(old: float | None, new: float | None) -> float | None:
+    """The load EMA after one reply (`new` None: the reply did not carry the figure)."""
+    if new is None:
+        return old
+    return new if old is None else (1 - LOAD_EMA) * old + LOAD_EMA * new
 
 
 def _checks(check: dict[int, int] | None, start: int, rows: int) -> tuple[tuple[int, int], ...] | None:

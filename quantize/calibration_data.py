@@ -311,20 +311,21 @@ def build_calibration_set(full_gguf: Path, tokenizer: Any, fingerprint: str, pro
         if not held_tok or not train_tok:
             raise ExportError(f"calibration prompts are longer than {MAX_PROMPT_TOKENS} tokens")
         prefill_rate, decode_rate = generation_rates(model, cfg)
+        train_want = cfg.train_tokens if cfg.train_tokens else len(train_tok) * EXPECTED_ANSWER_TOKENS
+        want = len(held_tok) * EXPECTED_ANSWER_TOKENS + train_want
+        mean_prompt = sum(map(len, held_tok + train_tok)) / len(held_tok + train_tok)
+        prompt_want = (len(held_tok) + train_want / EXPECTED_ANSWER_TOKENS) * mean_prompt
+        est = (prompt_want / prefill_rate + want / decode_rate) / cfg.workers
+        log(f"calibration data: ~{want} answer tokens (and ~{prompt_want:.0f} prompt tokens) to generate over "
+            f"{cfg.workers} worker(s); estimated ~{est:.0f} s (measured per worker: {decode_rate:.0f} answer "
+            f"tokens/s, {prefill_rate:.0f} prompt tokens/s)")
+        heldout = generate_parallel(full_gguf, held_tok, cfg, model=model, greedy=True, token_budget=None,
+                                    desc="held-out answers", progress=progress, threads=threads)
+        train = generate_parallel(full_gguf, train_tok, cfg, model=model, greedy=False,
+                                  token_budget=cfg.train_tokens, desc="training answers", progress=progress,
+                                  threads=threads)
     finally:
         model.close()
-    train_want = cfg.train_tokens if cfg.train_tokens else len(train_tok) * EXPECTED_ANSWER_TOKENS
-    want = len(held_tok) * EXPECTED_ANSWER_TOKENS + train_want
-    mean_prompt = sum(map(len, held_tok + train_tok)) / len(held_tok + train_tok)
-    prompt_want = (len(held_tok) + train_want / EXPECTED_ANSWER_TOKENS) * mean_prompt
-    est = (prompt_want / prefill_rate + want / decode_rate) / cfg.workers
-    log(f"calibration data: ~{want} answer tokens (and ~{prompt_want:.0f} prompt tokens) to generate over "
-        f"{cfg.workers} worker(s); estimated ~{est:.0f} s (measured per worker: {decode_rate:.0f} answer "
-        f"tokens/s, {prefill_rate:.0f} prompt tokens/s)")
-    heldout = generate_parallel(full_gguf, held_tok, cfg, greedy=True, token_budget=None,
-                                desc="held-out answers", progress=progress, threads=threads)
-    train = generate_parallel(full_gguf, train_tok, cfg, greedy=False, token_budget=cfg.train_tokens,
-                              desc="training answers", progress=progress, threads=threads)
     cs = CalibrationSet(train=train, heldout=heldout, key=key,
                         info={"prompts": len(prompts), "train_prompts": len(train), "heldout_prompts": len(heldout),
                               "generate_seconds": round(time.time() - t0, 1), "temperature": cfg.temperature,
@@ -365,18 +366,21 @@ def generation_rates(model: Any, cfg: DataConfig, threads: int = 1) -> tuple[flo
 
 def generate_parallel(full_gguf: Path, prompts: list[list[int]], cfg: DataConfig, *, greedy: bool,
                       token_budget: int | None, desc: str, progress: bool = True,
-                      threads: int | None = None) -> list[Sample]:
+                      threads: int | None = None, model: Any = None) -> list[Sample]:
     """`generate` over `cfg.workers` processes (spawned, one llama.cpp thread each): answer i
-    goes to worker i % workers, each worker gets an equal share of the token budget."""
+    goes to worker i % workers, each worker gets an equal share of the token budget.
+    One worker runs in this process, on `model` when the caller has it loaded."""
     if cfg.workers <= 1:
         from edge_runtime.llama_backend import LlamaModel
 
-        model = LlamaModel(full_gguf)
+        own = model is None
+        model = LlamaModel(full_gguf) if own else model
         try:
             return generate(model, prompts, cfg, greedy=greedy, token_budget=token_budget, desc=desc,
                             progress=progress, threads=threads)
         finally:
-            model.close()
+            if own:
+                model.close()
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 

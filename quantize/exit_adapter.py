@@ -404,13 +404,18 @@ def _train(src: Any, split: int, cfg: AdapterConfig, data: CalibrationSet, hidde
                 model.train()
                 by_epoch.append(round(a, 4))
                 if best is None or a >= best[0] + cfg.stop_min_gain:  # type: ignore[operator]
-                    best = (a, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+                    # only what training changes (the frozen 49k-row LM head is not copied)
+                    best = (a, epoch, {k: v.detach().clone() for k, v in model.named_parameters()
+                                       if v.requires_grad})
                 elif epoch >= cfg.min_epochs and step < total:
                     stopped = True
     finally:
         bar.close()
     if best is not None and by_epoch and by_epoch[-1] < best[0]:
-        model.load_state_dict(best[2])  # the last epoch made it worse: keep the best one
+        with torch.no_grad():  # the last epoch made it worse: keep the best one
+            for k, v in model.named_parameters():
+                if k in best[2]:
+                    v.copy_(best[2][k])
     model.eval()
     info: dict[str, Any] = {
         "val_agreement_by_epoch": by_epoch, "early_stopped": stopped,
