@@ -125,3 +125,13 @@ def wan_proxy(upstream_port: int, shape=None) -> Iterator:
     finally:
         asyncio.run_coroutine_threadsafe(wan.close(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
+
+
+@contextmanager
+def edge_server(bundle: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[EdgeServer]:
+    """`start_edge_server` for the length of a `with` block (stopped however the block ends)."""
+    srv = start_edge_server(bundle, log_path, *args, env=env)
+    try:
+        yield srv
+    finally:
+        srv.stop()
