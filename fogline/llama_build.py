@@ -16,13 +16,19 @@ Why a script and not a bare `pip install`:
   (`$FOGLINE_CACHE_DIR/llama-cpp-python/<version>-<hash>/`, with a build.json
   saying how), and the installed build is checked against the plan afterwards.
 * **Build time.** fogline never loads libmtmd (multimodal), so `LLAVA_BUILD=OFF`
-  skips it. (The build already runs nproc + 2 jobs: scikit-build-core uses Ninja.)
+  skips it; nor does llama-cpp-python load llama.cpp's `common` library (only
+  libmtmd links it), which its CMakeLists forces on: `llama_no_common.cmake`,
+  included at llama.cpp's `project()` after that, turns it off again. Together
+  they leave ggml and libllama, under half the CPU time of a default build.
+  (The build already runs nproc + 2 jobs: scikit-build-core uses Ninja.)
 
 A CMAKE_ARGS in the environment (BLAS, CUDA, a cross build: docs/boards.md) is
-used as given, plus LLAVA_BUILD=OFF; the load-time guard still covers AMX then.
+used as given, plus the two skips unless it sets them itself; the load-time guard
+still covers AMX then.
 
     python -m fogline.llama_build            # build if needed, install, check
     python -m fogline.llama_build --plan     # print the decision only
+    python -m fogline.llama_build --wheel-only   # build (or find) the wheel, install nothing
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ from fogline.host import build_has_amx
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"  # the pin in pyproject.toml (tests/test_hidden_contract.py checks they agree)
 NO_MTMD = "-DLLAVA_BUILD=OFF"
+NO_COMMON_FILE = Path(__file__).with_name("llama_no_common.cmake")
+_NO_COMMON_VAR = "-DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE"
+NO_COMMON = f"{_NO_COMMON_VAR}={NO_COMMON_FILE}"
+# The wheel cache key names the file by its content, not by where this checkout happens to be.
+_NO_COMMON_KEY = f"{_NO_COMMON_VAR}=no-common:{hashlib.sha256(NO_COMMON_FILE.read_bytes()).hexdigest()[:12]}"
 _NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 _X86 = ("x86_64", "amd64", "i386", "i686")
 
@@ -66,7 +77,8 @@ class BuildPlan:
     @property
     def key(self) -> str:
         """Names the wheel directory: a wheel is reused only for the same version and flags."""
-        return f"{VERSION}-{hashlib.sha256(self.cmake_args_env.encode()).hexdigest()[:12]}"
+        flags = shlex.join(_NO_COMMON_KEY if a == NO_COMMON else a for a in self.cmake_args)
+        return f"{VERSION}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
     def accepts(self, system_info: str) -> bool:
         return self.amx_allowed is not False or not build_has_amx(system_info)
@@ -86,16 +98,17 @@ def plan_build(cpuinfo: str, machine: str, user_cmake_args: str | None) -> Build
     """The build for a host with this /proc/cpuinfo and `platform.machine()`."""
     if user_cmake_args and user_cmake_args.strip():
         args = tuple(shlex.split(user_cmake_args))
-        extra = () if any(a.startswith("-DLLAVA_BUILD") for a in args) else (NO_MTMD,)
-        return BuildPlan(args + extra, "CMAKE_ARGS from the environment" + (f", plus {NO_MTMD}" if extra else ""),
-                         None)
+        extra = tuple(skip for skip, var in ((NO_MTMD, "-DLLAVA_BUILD"), (NO_COMMON, _NO_COMMON_VAR))
+                      if not any(a.startswith(var) for a in args))
+        return BuildPlan(args + extra, "CMAKE_ARGS from the environment"
+                         + (f", plus {' '.join(a.split('=')[0] for a in extra)}" if extra else ""), None)
     amx = sorted(f for f in cpu_flags(cpuinfo) if f.startswith("amx"))
     if machine.lower() in _X86 and amx:
-        return BuildPlan((NO_MTMD, "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={_NO_AMX_FLAGS}",
+        return BuildPlan((NO_MTMD, NO_COMMON, "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={_NO_AMX_FLAGS}",
                           f"-DCMAKE_CXX_FLAGS={_NO_AMX_FLAGS}"),
                          f"x86 with {' '.join(amx)}: native minus AMX (llama.cpp's AMX path crashes on "
                          "virtualised Sapphire/Granite Rapids)", False)
-    return BuildPlan((NO_MTMD, "-DGGML_NATIVE=ON"), f"{machine or 'unknown machine'} without AMX: native", True)
+    return BuildPlan((NO_MTMD, NO_COMMON, "-DGGML_NATIVE=ON"), f"{machine or 'unknown machine'} without AMX: native", True)
 
 
 def host_plan() -> BuildPlan:
@@ -174,12 +187,19 @@ def install(plan: BuildPlan, python: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fogline.llama_build", description=__doc__.split("\n")[0])
     p.add_argument("--plan", action="store_true", help="print the build decision and exit")
+    p.add_argument("--wheel-only", action="store_true",
+                   help="build the wheel into the cache (or find it there) without installing it: `make` runs this "
+                        "while pip installs the other dependencies")
     args = p.parse_args(argv)
     plan = host_plan()
     if args.plan:
         print(f"CMAKE_ARGS={plan.cmake_args_env}\n# {plan.reason}")
         return 0
     try:
+        if args.wheel_only:
+            print(f"llama_build: CMAKE_ARGS={plan.cmake_args_env!r} ({plan.reason})", flush=True)
+            build_wheel(plan, sys.executable)
+            return 0
         return install(plan, sys.executable)
     except subprocess.CalledProcessError as e:
         print(f"llama_build: error: {shlex.join(map(str, e.cmd))} exited with {e.returncode}", file=sys.stderr)

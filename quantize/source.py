@@ -8,13 +8,15 @@ metadata to copy verbatim into the edge GGUF.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -74,6 +76,35 @@ def load_source(src: str) -> SourceModel:
     raise ExportError(f"source {src!r} is neither a HF model directory nor a .gguf file")
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within: one GGUFReader per file and one TensorNameMap per (arch, blocks).
+
+    Why: transformers parses the GGUF afresh for the config, the weights and the
+    tokenizer (gguf-py reads the 49k-token vocabulary and merges one numpy view
+    per element: seconds each), and builds the same tensor-name map once per
+    module of the model (397 times for the demo model). Both are read-only, so
+    sharing them changes nothing but the time; transformers imports both from
+    `gguf` at call time, which is where they are swapped, and put back after."""
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def _read_gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
     import gguf
 
@@ -91,13 +122,14 @@ def _read_gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
 def _load_gguf(path: Path, description: str) -> SourceModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok_fields = _read_gguf_tokenizer_fields(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise ExportError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from None
+    with _gguf_parsed_once():
+        tok_fields = _read_gguf_tokenizer_fields(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise ExportError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from None
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     tmp = tempfile.TemporaryDirectory(prefix="fogline-tok-")

@@ -76,7 +76,7 @@ def test_build_plan_on_an_amx_host_is_native_minus_amx():
     plan = llama_build.plan_build(SPR_CPUINFO, "x86_64", None)
     args = shlex.split(plan.cmake_args_env)  # how scikit-build-core reads CMAKE_ARGS
     assert args == list(plan.cmake_args)
-    assert "-DGGML_NATIVE=ON" in args and llama_build.NO_MTMD in args
+    assert "-DGGML_NATIVE=ON" in args and llama_build.NO_MTMD in args and llama_build.NO_COMMON in args
     assert "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in args
     assert "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in args
     assert "amx_int8" in plan.reason and plan.amx_allowed is False
@@ -86,17 +86,40 @@ def test_build_plan_on_an_amx_host_is_native_minus_amx():
 @pytest.mark.parametrize("cpuinfo,machine", [(ZEN4_CPUINFO, "x86_64"), (PI5_CPUINFO, "aarch64"), ("", "aarch64")])
 def test_build_plan_elsewhere_is_native(cpuinfo, machine):
     plan = llama_build.plan_build(cpuinfo, machine, None)
-    assert plan.cmake_args == (llama_build.NO_MTMD, "-DGGML_NATIVE=ON") and plan.amx_allowed is True
+    assert plan.cmake_args == (llama_build.NO_MTMD, llama_build.NO_COMMON, "-DGGML_NATIVE=ON")
+    assert plan.amx_allowed is True
     assert plan.accepts(SAPPHIRE_RAPIDS)  # nothing to enforce where the CPU has no AMX
 
 
 def test_build_plan_keeps_the_users_cmake_args():
     plan = llama_build.plan_build(SPR_CPUINFO, "x86_64", "-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=87")
-    assert plan.cmake_args == ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=87", llama_build.NO_MTMD)
+    assert plan.cmake_args == ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=87", llama_build.NO_MTMD,
+                               llama_build.NO_COMMON)
     assert plan.amx_allowed is None and plan.accepts(SAPPHIRE_RAPIDS)  # the load-time guard covers it
-    assert llama_build.plan_build("", "x86_64", "-DLLAVA_BUILD=ON").cmake_args == ("-DLLAVA_BUILD=ON",)
+    assert llama_build.plan_build("", "x86_64", "-DLLAVA_BUILD=ON").cmake_args == ("-DLLAVA_BUILD=ON",
+                                                                                  llama_build.NO_COMMON)
+    mine = "-DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE=/opt/my.cmake"
+    assert llama_build.plan_build("", "x86_64", mine).cmake_args == (mine, llama_build.NO_MTMD)
     keys = {llama_build.plan_build(c, m, None).key for c, m in [(SPR_CPUINFO, "x86_64"), (ZEN4_CPUINFO, "x86_64")]}
     assert len(keys) == 2 and plan.key not in keys  # a cached wheel is reused only for the same flags
+
+
+def test_the_wheel_cache_key_does_not_depend_on_where_the_checkout_is(monkeypatch, tmp_path):
+    """The same flags from another clone (the skip file at another path) reuse the cached wheel."""
+    key = llama_build.plan_build(ZEN4_CPUINFO, "x86_64", None).key
+    moved = tmp_path / "elsewhere" / "llama_no_common.cmake"
+    moved.parent.mkdir()
+    moved.write_bytes(llama_build.NO_COMMON_FILE.read_bytes())
+    other = f"-DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE={moved}"
+    monkeypatch.setattr(llama_build, "NO_COMMON", other)
+    assert llama_build.plan_build(ZEN4_CPUINFO, "x86_64", None).cmake_args[1] == other
+    assert llama_build.plan_build(ZEN4_CPUINFO, "x86_64", None).key == key
+
+
+def test_the_common_skip_file_turns_llama_cpp_common_off():
+    """What the file must say for CMake (include-before runs after llama-cpp-python's FORCE ON)."""
+    text = llama_build.NO_COMMON_FILE.read_text()
+    assert "set(LLAMA_BUILD_COMMON OFF CACHE BOOL" in text and text.rstrip().endswith("FORCE)")
 
 
 def test_no_amx_flags_win_over_march_in_either_order():
