@@ -317,29 +317,3 @@ def test_answers_generated_by_two_worker_processes_are_the_ones_one_process_writ
         if not greedy:
             assert all(np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(one, two))
 
-
-def test_the_answer_sampler_draws_from_the_tempered_softmax_and_keeps_the_exact_top_k():
-    """_next_tokens samples softmax(z / T) (inverse CDF, one RNG per row) and reports the teacher's
-    top-k log-probs as log_softmax(z) computes them; greedy is the argmax."""
-    from quantize.calibration_data import TOP_K, _next_tokens
-
-    rng = np.random.default_rng(7)
-    vocab, temperature, draws = 96, 0.8, 20000
-    z = (rng.standard_normal((2, vocab)) * 2.0).astype(np.float32)
-    toks, ids, logp = _next_tokens(z, [np.random.default_rng(1), np.random.default_rng(2)], False, temperature)
-    assert len(toks) == 2 and ids.shape == (2, TOP_K) and logp.dtype == np.float16
-    exact = z.astype(np.float64) - np.logaddexp.reduce(z.astype(np.float64), axis=1, keepdims=True)
-    for r in range(2):
-        assert list(ids[r]) == list(np.argsort(-exact[r], kind="stable")[:TOP_K])
-        np.testing.assert_allclose(logp[r].astype(np.float64), exact[r, ids[r]], atol=2e-2)
-    assert _next_tokens(z, [], True, temperature)[0] == [int(t) for t in z.argmax(1)]
-
-    row = np.repeat(z[:1], 500, axis=0)  # one row, many draws: frequencies follow softmax(z / T)
-    gen = np.random.default_rng(3)
-    counts = np.zeros(vocab)
-    for _ in range(draws // 500):
-        for t in _next_tokens(row, [gen] * 500, False, temperature)[0]:
-            counts[t] += 1
-    p = np.exp(z[0] / temperature - np.logaddexp.reduce(z[0].astype(np.float64) / temperature))
-    sd = np.sqrt(p * (1 - p) / draws)
-    assert np.all(np.abs(counts / draws - p) < 5 * sd + 1e-4), np.abs(counts / draws - p).max()
