@@ -316,4 +316,3 @@ def test_answers_generated_by_two_worker_processes_are_the_ones_one_process_writ
         assert [s.answer for s in two] == [s.answer for s in one], greedy
         if not greedy:
             assert all(np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(one, two))
-

@@ -188,3 +188,15 @@ def test_failed_verification_leaves_nothing(demo_hf_dir, tmp_path, capsys):
                     "--tokenizer-pre", "falcon", "--out", str(out), "--no-progress", "--exit-adapter", "0"],
                    capsys, out)
     assert "tokenizes differently" in msg
+
+
+def test_loading_a_gguf_source_puts_gguf_back_and_keeps_its_tokenizer(demo_source):
+    """The GGUF is parsed once while loading (quantize/source.py): gguf-py's own reader and name map are
+    back afterwards, and what was read through the shared reader is complete."""
+    import gguf.gguf_reader
+    import gguf.tensor_mapping
+
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
+    tokens, _ = demo_source.gguf_tokenizer_fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == demo_source.spec.vocab_size == demo_source.lm_head().shape[0]
