@@ -98,10 +98,12 @@ def plan_build(cpuinfo: str, machine: str, user_cmake_args: str | None) -> Build
     """The build for a host with this /proc/cpuinfo and `platform.machine()`."""
     if user_cmake_args and user_cmake_args.strip():
         args = tuple(shlex.split(user_cmake_args))
-        extra = tuple(skip for skip, var in ((NO_MTMD, "-DLLAVA_BUILD"), (NO_COMMON, _NO_COMMON_VAR))
-                      if not any(a.startswith(var) for a in args))
-        return BuildPlan(args + extra, "CMAKE_ARGS from the environment"
-                         + (f", plus {' '.join(a.split('=')[0] for a in extra)}" if extra else ""), None)
+        skips = ((NO_MTMD, "-DLLAVA_BUILD", "libmtmd"), (NO_COMMON, _NO_COMMON_VAR, "common"))
+        added = [(arg, what) for arg, var, what in skips if not any(a.startswith(var) for a in args)]
+        reason = "CMAKE_ARGS from the environment"
+        if added:
+            reason += f", plus the skips of {' and '.join(what for _, what in added)}"
+        return BuildPlan(args + tuple(arg for arg, _ in added), reason, None)
     amx = sorted(f for f in cpu_flags(cpuinfo) if f.startswith("amx"))
     if machine.lower() in _X86 and amx:
         return BuildPlan((NO_MTMD, NO_COMMON, "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={_NO_AMX_FLAGS}",
@@ -166,7 +168,6 @@ def build_wheel(plan: BuildPlan, python: str) -> Path:
 
 
 def install(plan: BuildPlan, python: str) -> int:
-    print(f"llama_build: {PACKAGE}=={VERSION} CMAKE_ARGS={plan.cmake_args_env!r} ({plan.reason})", flush=True)
     current = installed_build(python)
     if current is not None and current[0] == VERSION and plan.accepts(current[1]):
         print(f"llama_build: installed build fits this host: {current[1]}", flush=True)
@@ -195,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print(f"CMAKE_ARGS={plan.cmake_args_env}\n# {plan.reason}")
         return 0
+    print(f"llama_build: {PACKAGE}=={VERSION} CMAKE_ARGS={plan.cmake_args_env!r} ({plan.reason})", flush=True)
     try:
         if args.wheel_only:
-            print(f"llama_build: CMAKE_ARGS={plan.cmake_args_env!r} ({plan.reason})", flush=True)
             build_wheel(plan, sys.executable)
             return 0
         return install(plan, sys.executable)

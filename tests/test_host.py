@@ -96,6 +96,7 @@ def test_build_plan_keeps_the_users_cmake_args():
     assert plan.cmake_args == ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=87", llama_build.NO_MTMD,
                                llama_build.NO_COMMON)
     assert plan.amx_allowed is None and plan.accepts(SAPPHIRE_RAPIDS)  # the load-time guard covers it
+    assert plan.reason.endswith("plus the skips of libmtmd and common")
     assert llama_build.plan_build("", "x86_64", "-DLLAVA_BUILD=ON").cmake_args == ("-DLLAVA_BUILD=ON",
                                                                                   llama_build.NO_COMMON)
     mine = "-DCMAKE_PROJECT_llama.cpp_INCLUDE_BEFORE=/opt/my.cmake"
