@@ -42,7 +42,7 @@ from fogline.errors import ConfigError, ExportError
 HELDOUT_EVERY = 8
 MIN_PROMPTS = 2 * HELDOUT_EVERY  # at least two held-out prompts
 TOP_K = 32  # teacher log-probs kept per generated position
-DATA_VERSION = 3  # bump when generation or storage changes
+DATA_VERSION = 4  # bump when generation or storage changes
 
 Messages = list[dict[str, str]]
 
@@ -319,11 +319,9 @@ def build_calibration_set(full_gguf: Path, tokenizer: Any, fingerprint: str, pro
         log(f"calibration data: ~{want} answer tokens (and ~{prompt_want:.0f} prompt tokens) to generate over "
             f"{cfg.workers} worker(s); estimated ~{est:.0f} s (measured per worker: {decode_rate:.0f} answer "
             f"tokens/s, {prefill_rate:.0f} prompt tokens/s)")
-        heldout = generate_parallel(full_gguf, held_tok, cfg, model=model, greedy=True, token_budget=None,
-                                    desc="held-out answers", progress=progress, threads=threads)
-        train = generate_parallel(full_gguf, train_tok, cfg, model=model, greedy=False,
-                                  token_budget=cfg.train_tokens, desc="training answers", progress=progress,
-                                  threads=threads)
+        heldout, train = generate_parallel(full_gguf, held_tok, train_tok, cfg, model=model,
+                                           token_budget=cfg.train_tokens, desc="answers", progress=progress,
+                                           threads=threads)
     finally:
         model.close()
     cs = CalibrationSet(train=train, heldout=heldout, key=key,
@@ -364,19 +362,20 @@ def generation_rates(model: Any, cfg: DataConfig, threads: int = 1) -> tuple[flo
         ctx.close()
 
 
-def generate_parallel(full_gguf: Path, prompts: list[list[int]], cfg: DataConfig, *, greedy: bool,
+def generate_parallel(full_gguf: Path, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig, *,
                       token_budget: int | None, desc: str, progress: bool = True,
-                      threads: int | None = None, model: Any = None) -> list[Sample]:
-    """`generate` over `cfg.workers` processes (spawned, one llama.cpp thread each): answer i
-    goes to worker i % workers, each worker gets an equal share of the token budget.
-    One worker runs in this process, on `model` when the caller has it loaded."""
+                      threads: int | None = None, model: Any = None) -> tuple[list[Sample], list[Sample]]:
+    """`generate` over `cfg.workers` processes (spawned, one llama.cpp thread each): held-out
+    answer j goes to worker j % workers and training answer i to worker i % workers; each
+    worker gets an equal share of the token budget. With one worker it runs in this process,
+    on `model` when the caller has it loaded."""
     if cfg.workers <= 1:
         from edge_runtime.llama_backend import LlamaModel
 
         own = model is None
         model = LlamaModel(full_gguf) if own else model
         try:
-            return generate(model, prompts, cfg, greedy=greedy, token_budget=token_budget, desc=desc,
+            return generate(model, heldout, train, cfg, token_budget=token_budget, desc=desc,
                             progress=progress, threads=threads)
         finally:
             if own:
@@ -387,67 +386,85 @@ def generate_parallel(full_gguf: Path, prompts: list[list[int]], cfg: DataConfig
     w = cfg.workers
     share = None if token_budget is None else -(-token_budget // w)
     with ProcessPoolExecutor(w, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(_generate_worker, str(full_gguf), prompts, cfg, greedy, share, k, w)
+        futs = [pool.submit(_generate_worker, str(full_gguf), heldout, train, cfg, share, k, w)
                 for k in range(w)]
         parts = [f.result() for f in futs]
-    merged = {i: smp for part in parts for i, smp in part}
-    return [merged[i] for i in sorted(merged)]
+    held = {i: smp for part in parts for i, smp in part[0]}
+    tr = {i: smp for part in parts for i, smp in part[1]}
+    return [held[i] for i in sorted(held)], [tr[i] for i in sorted(tr)]
 
 
-def _generate_worker(full_gguf: str, prompts: list[list[int]], cfg: DataConfig, greedy: bool,
-                     token_budget: int | None, k: int, w: int) -> list[tuple[int, Sample]]:
-    """One worker process: the answers i with i % w == k, on one llama.cpp thread."""
+def _generate_worker(full_gguf: str, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig,
+                     token_budget: int | None, k: int, w: int) -> tuple[list[tuple[int, Sample]], ...]:
+    """One worker process: the answers with index % w == k, on one llama.cpp thread."""
     from edge_runtime.llama_backend import LlamaModel
 
     model = LlamaModel(Path(full_gguf))
     try:
-        return generate(model, prompts, cfg, greedy=greedy, token_budget=token_budget, desc="", progress=False,
+        return generate(model, heldout, train, cfg, token_budget=token_budget, desc="", progress=False,
                         threads=1, shard=(k, w), indexed=True)
     finally:
         model.close()
 
 
-def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: bool, token_budget: int | None,
-             desc: str, progress: bool = True, threads: int | None = None, shard: tuple[int, int] = (0, 1),
-             indexed: bool = False) -> Any:
-    """Answer prompts with continuous batching over `cfg.n_parallel` llama.cpp sequences.
+def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig, *,
+             token_budget: int | None, desc: str, progress: bool = True, threads: int | None = None,
+             shard: tuple[int, int] = (0, 1), indexed: bool = False) -> Any:
+    """Answer the held-out prompts greedily and the training prompts by sampling, in one pass of
+    continuous batching over `cfg.n_parallel` llama.cpp sequences (one pass: the held-out
+    answers fill the first slots and the training answers the rest, so no batch drains
+    twice). Returns (held-out samples, training samples), each in index order.
 
-    Sampling uses one RNG per answer (seeded by `cfg.seed` and the answer's index).
-    With a token budget, training prompts are answered again (new samples) until
-    the budget is met, at most MAX_PASSES times each.
-    Stops once `token_budget` answer tokens exist; the answers then in flight are
-    kept as they are (prefixes of the full model's answers).
-    shard (k, w): answer only the jobs i with i % w == k (a worker's share).
-    indexed: return [(answer index, Sample)] instead of the Samples in index order.
+    Sampling uses one RNG per training answer (seeded by `cfg.seed` and the answer's index).
+    With a token budget, training prompts are answered again (new samples) until the budget
+    of *training* tokens is met, at most MAX_PASSES times each; the training answers then in
+    flight are kept as they are (prefixes of the full model's answers). Held-out answers are
+    always complete.
+    shard (k, w): answer only the jobs with index % w == k (a worker's share).
+    indexed: return ([(index, Sample)], [(index, Sample)]) instead.
     """
     from tqdm import tqdm
 
     from edge_runtime.llama_backend import BatchRow, LlamaContext
 
-    # With a token budget, prompts are answered again (fresh samples) until it is met.
-    n_all = len(prompts) * (MAX_PASSES if token_budget is not None and not greedy else 1)
-    jobs = list(range(shard[0], n_all, shard[1]))
-    n_jobs = len(jobs)
-    if n_jobs == 0:
-        return []
-    n_par = min(cfg.n_parallel, n_jobs)
+    n_train = len(train) * (MAX_PASSES if token_budget is not None else 1) if train else 0
+    jobs = ([(True, j) for j in range(shard[0], len(heldout), shard[1])]
+            + [(False, i) for i in range(shard[0], n_train, shard[1])])
+    results: tuple[dict[int, Sample], dict[int, Sample]] = ({}, {})  # (training, held-out)
+    if not jobs:
+        return [], []
+    n_par = min(cfg.n_parallel, len(jobs))
     seq_ctx = MAX_PROMPT_TOKENS + cfg.max_new_tokens + 8
     ctx = LlamaContext(model, n_ctx=seq_ctx * n_par, n_batch=512, n_seq=n_par, n_threads=threads)
-    results: dict[int, Sample] = {}
     slots: list[dict[str, Any] | None] = [None] * n_par
-    next_prompt = 0
-    produced = 0
-    bar = tqdm(total=token_budget or len(prompts) * cfg.max_new_tokens, desc=desc, unit="tok",
-               disable=not progress, leave=False)
+    next_job = 0
+    produced = 0  # training answer tokens
+    budget_met = False
+    bar = tqdm(total=(token_budget or n_train * cfg.max_new_tokens) + len(heldout) * cfg.max_new_tokens,
+               desc=desc, unit="tok", disable=not progress, leave=False)
+
+    def prompt_of(st: dict[str, Any]) -> list[int]:
+        return heldout[st["i"]] if st["greedy"] else train[st["i"] % len(train)]
+
+    def finish(s: int) -> None:
+        st = slots[s]
+        assert st is not None
+        results[st["greedy"]][st["i"]] = _finish(prompt_of(st), st, st["greedy"])
+        slots[s] = None
+
     try:
         while True:
             for s in range(n_par):  # refill free slots
-                if slots[s] is None and next_prompt < n_jobs:
-                    i = jobs[next_prompt]
-                    next_prompt += 1
+                while slots[s] is None and next_job < len(jobs):
+                    greedy, i = jobs[next_job]
+                    next_job += 1
+                    if budget_met and not greedy:
+                        continue
                     ctx.remove(s)
-                    slots[s] = {"i": i, "pending": list(prompts[i % len(prompts)]), "pos": 0, "answer": [], "ids": [], "logp": [],
-                                "rng": np.random.default_rng([cfg.seed, i])}
+                    st: dict[str, Any] = {"i": i, "greedy": greedy, "pos": 0, "answer": [], "ids": [], "logp": [],
+                                          "rng": None if greedy else np.random.default_rng([cfg.seed, i])}
+                    st["pending"] = list(prompt_of(st))
+                    slots[s] = st
             active = [s for s in range(n_par) if slots[s] is not None]
             if not active:
                 break
@@ -468,40 +485,41 @@ def generate(model: Any, prompts: list[list[int]], cfg: DataConfig, *, greedy: b
             for row, s in enumerate(owners):
                 st = slots[s]
                 z = res.logits[row].astype(np.float64)
-                m = z.max()
-                logp = z - (m + np.log(np.exp(z - m).sum()))
-                if greedy:
+                if st["greedy"]:
                     tok = int(np.argmax(z))
                 else:
+                    m = z.max()
+                    logp = z - (m + np.log(np.exp(z - m).sum()))
                     g = st["rng"].gumbel(size=z.shape[0])
                     tok = int(np.argmax(z / cfg.temperature + g))
                     top = np.argpartition(-logp, TOP_K)[:TOP_K]
                     top = top[np.argsort(-logp[top])]
                     st["ids"].append(top.astype(np.int32))
                     st["logp"].append(logp[top].astype(np.float16))
+                    produced += 1
                 st["answer"].append(tok)
-                produced += 1
                 bar.update(1)
                 if model.is_eog(tok) or len(st["answer"]) >= cfg.max_new_tokens:
-                    results[st["i"]] = _finish(prompts[st["i"] % len(prompts)], st, greedy)
-                    slots[s] = None
+                    finish(s)
                 else:
                     st["pending"] = [tok]
-            if token_budget is not None and produced >= token_budget:
-                # Budget reached: answers in flight end here (a prefix of an answer is still
-                # the full model's own text), and no new prompt starts.
+            if token_budget is not None and not budget_met and produced >= token_budget:
+                # Budget reached: training answers in flight end here (a prefix of an answer
+                # is still the full model's own text) and no new one starts; held-out ones go on.
+                budget_met = True
                 for s in range(n_par):
                     st = slots[s]
-                    if st is not None and st["answer"]:
-                        results[st["i"]] = _finish(prompts[st["i"] % len(prompts)], st, greedy)
-                    slots[s] = None
-                break
+                    if st is not None and not st["greedy"]:
+                        if st["answer"]:
+                            finish(s)
+                        slots[s] = None
     finally:
         bar.close()
         ctx.close()
+    train_r, held_r = results[False], results[True]
     if indexed:
-        return sorted(results.items())
-    return [results[i] for i in sorted(results)]
+        return sorted(held_r.items()), sorted(train_r.items())
+    return [held_r[i] for i in sorted(held_r)], [train_r[i] for i in sorted(train_r)]
 
 
 def _finish(prompt: list[int], st: dict[str, Any], greedy: bool) -> Sample:

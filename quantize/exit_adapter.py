@@ -11,7 +11,8 @@ never runs twice), as KL over the top-k plus a "rest" bucket, plus a
 cross-entropy on the teacher's argmax (agreement is a top-1 quantity).
 
 Training runs in bfloat16 autocast (this CPU has AVX512-BF16: ~3.5x fp32 for
-the 49k-row LM head, which dominates the cost), AdamW with warmup + cosine,
+the 49k-row LM head, which dominates the cost; the loss never materialises the
+[positions, vocabulary] log-softmax, see `_TopkLogSoftmax`), AdamW with warmup + cosine,
 deterministic for a seed. Trained adapters are cached by (fingerprint, K, edge
 quant type, adapter config, calibration data, seed) in `cache_dir()`.
 """
@@ -38,7 +39,7 @@ from fogline.arch import ArchSpec
 from fogline.errors import ConfigError, ExportError
 from quantize.calibration_data import CalibrationSet, Sample
 
-ADAPTER_VERSION = 2
+ADAPTER_VERSION = 3  # bump when training's numerics change (v3: chunked top-k log-softmax)
 VAL_EVERY = 16  # early stop: every 16th training answer is validation (sets of >= 4 * 16 answers only)
 TRAIN_RUNS = 0  # trainings performed in this process (tests check the cache path does not train)
 
@@ -179,6 +180,7 @@ class ExitAdapter(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.register_buffer("head", head.detach().clone(), persistent=False)  # [V, D], frozen
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        self._head_bf16: Tensor | None = None
 
     def rope(self, t: int) -> tuple[Tensor, Tensor]:
         freqs = torch.arange(t, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
@@ -194,6 +196,12 @@ class ExitAdapter(nn.Module):
         return self.norm(x)
 
     def logits(self, normed: Tensor) -> Tensor:
+        """normed @ head.T. Under CPU bf16 autocast this uses a bf16 copy of the frozen head made
+        once: autocast would otherwise cast all 49k rows again at every call."""
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            if self._head_bf16 is None:
+                self._head_bf16 = self.head.to(torch.bfloat16)
+            return normed.to(torch.bfloat16) @ self._head_bf16.T
         return normed @ self.head.to(normed.dtype).T
 
     def export_state(self) -> dict[str, Tensor]:
@@ -230,8 +238,10 @@ def build_adapter(src: Any, split: int, cfg: AdapterConfig) -> ExitAdapter:
 # ---- h_K from llama.cpp -------------------------------------------------------------------------
 
 def edge_hidden_states(edge_gguf: Path, split: int, samples: list[Sample], threads: int | None = None,
-                       progress: bool = True, desc: str = "h_K (llama.cpp)") -> list[np.ndarray]:
-    """h_K of tokens[:-1] of every sample, from llama.cpp running the (quantized) edge GGUF: float16."""
+                       progress: bool = True, desc: str = "h_K (llama.cpp)",
+                       hidden_via: str = "callback") -> list[np.ndarray]:
+    """h_K of tokens[:-1] of every sample, from llama.cpp running the (quantized) edge GGUF: float16.
+    hidden_via: as `LlamaContext`'s ("auto" for a GGUF with a block after K-1, see `hk_probe_gguf`)."""
     from tqdm import tqdm
 
     from edge_runtime.llama_backend import LlamaContext, LlamaModel, prefill
@@ -240,7 +250,8 @@ def edge_hidden_states(edge_gguf: Path, split: int, samples: list[Sample], threa
     out: list[np.ndarray] = []
     try:
         longest = max(len(s.tokens) for s in samples)
-        ctx = LlamaContext(model, n_ctx=max(256, longest + 8), n_batch=512, n_threads=threads, tap_layer=split - 1)
+        ctx = LlamaContext(model, n_ctx=max(256, longest + 8), n_batch=512, n_threads=threads, tap_layer=split - 1,
+                           hidden_via=hidden_via)
         try:
             for s in tqdm(samples, desc=desc, unit="seq", disable=not progress, leave=False):
                 ctx.remove(0)
@@ -297,21 +308,61 @@ def make_batches(samples: list[Sample], hidden: list[np.ndarray], batch_tokens: 
     return batches
 
 
+LOSS_CHUNK_ROWS = 32  # rows of [N, V] logits handled at a time: a chunk stays in the CPU cache
+
+
+class _TopkLogSoftmax(torch.autograd.Function):
+    """(log_softmax(z) gathered at ids, whether argmax(z) is ids[:, 0]) for logits z [N, V].
+
+    Same values and gradient as `torch.log_softmax(z.float(), -1).gather(1, ids)`, but the
+    [N, V] float32 log-probabilities are never materialised: the forward keeps one
+    log-sum-exp per row and the backward writes dL/dz = scatter(g) - softmax(z) * sum(g) chunk
+    by chunk. With a 49k vocabulary the full-width softmax, its backward, the dtype copies
+    and an argmax took more than half of a training step (the LM-head matmuls a quarter).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        n = z.shape[0]
+        lse = torch.empty(n, dtype=torch.float32)
+        zmax = torch.empty(n, dtype=torch.float32)
+        for a in range(0, n, LOSS_CHUNK_ROWS):
+            zf = z[a: a + LOSS_CHUNK_ROWS].to(torch.float32, copy=True)  # (exp_ below works in place)
+            m = zf.amax(-1)
+            zmax[a: a + LOSS_CHUNK_ROWS] = m
+            lse[a: a + LOSS_CHUNK_ROWS] = m + zf.sub_(m[:, None]).exp_().sum(-1).log_()
+        top = z.gather(1, ids).float()
+        ctx.save_for_backward(z, ids, lse)
+        hit = top[:, 0] >= zmax
+        ctx.mark_non_differentiable(hit)
+        return top - lse[:, None], hit
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _hit: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        z, ids, lse = ctx.saved_tensors
+        g = g.float()
+        gsum = g.sum(-1)
+        grad = torch.empty_like(z)
+        for a in range(0, z.shape[0], LOSS_CHUNK_ROWS):
+            b = a + LOSS_CHUNK_ROWS
+            p = z[a:b].to(torch.float32, copy=True).sub_(lse[a:b, None]).exp_().mul_(-gsum[a:b, None])
+            grad[a:b] = p.scatter_add_(1, ids[a:b], g[a:b])
+        return grad, None
+
+
 def distill_loss(logits: Tensor, ids: Tensor, t_logp: Tensor, ce_weight: float) -> tuple[Tensor, Tensor]:
     """KL(teacher || student) over the teacher's top-k + one 'rest' bucket, + CE on the teacher argmax.
 
     logits: [N, V]; ids, t_logp: [N, k] (sorted, ids[:, 0] is the teacher's argmax). Returns
-    (loss, number of student argmax == teacher argmax).
+    (loss, number of rows whose student argmax is the teacher's argmax; a tie counts as one).
     """
-    s_logp = torch.log_softmax(logits.float(), dim=-1)
-    s_top = s_logp.gather(1, ids)
+    s_top, hit = _TopkLogSoftmax.apply(logits, ids)
     t_p = t_logp.exp()
     t_rest = (1 - t_p.sum(-1)).clamp_min(1e-6)
     s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
     kl = (t_p * (t_logp - s_top)).sum(-1) + t_rest * (t_rest.log() - s_rest)
     loss = kl.mean() - ce_weight * s_top[:, 0].mean()
-    agree = (logits.argmax(-1) == ids[:, 0]).sum()
-    return loss, agree
+    return loss, hit.sum()
 
 
 @dataclass
@@ -609,8 +660,19 @@ def trained_adapter(src: Any, split: int, quant: str, base_gguf: Path, data: Cal
         return cached, True
     threads = export_threads(areq.threads)
     t0 = time.time()
-    hidden_train = edge_hidden_states(base_gguf, split, data.train, threads, areq.progress, "h_K of training text")
-    hidden_held = edge_hidden_states(base_gguf, split, data.heldout, threads, areq.progress, "h_K of held-out text")
+    probe = hk_probe_gguf(src, split, cfg, base_gguf, base_gguf.with_name("edge.hk-probe.gguf"))
+    try:
+        first = data.heldout[:1]
+        if not np.array_equal(edge_hidden_states(probe, split, first, threads, False, hidden_via="auto")[0],
+                              edge_hidden_states(base_gguf, split, first, threads, False)[0]):
+            raise ExportError("h_K read from the probe GGUF differs from the edge GGUF's (a llama.cpp or "
+                              "gguf-writer change?); the adapter would train on other inputs than the edge's")
+        hidden_train = edge_hidden_states(probe, split, data.train, threads, areq.progress, "h_K of training text",
+                                          hidden_via="auto")
+        hidden_held = edge_hidden_states(probe, split, data.heldout, threads, areq.progress,
+                                         "h_K of held-out text", hidden_via="auto")
+    finally:
+        probe.unlink(missing_ok=True)
     hk_seconds = round(time.time() - t0, 1)
     result = train_adapter(src, split, cfg, data, hidden_train, hidden_held, areq.seed, log=log,
                            progress=areq.progress, torch_threads=areq.threads)
@@ -619,6 +681,28 @@ def trained_adapter(src: Any, split: int, quant: str, base_gguf: Path, data: Cal
                         "recipe": cfg.key_dict(), "data_key": data.key})
     save_cached(key, result)
     return result, False
+
+
+def hk_probe_gguf(src: Any, split: int, cfg: AdapterConfig, base: Path, out: Path) -> Path:
+    """The file h_K of the calibration text is read from: the base edge GGUF's tensors byte for
+    byte, plus the untrained adapter block(s) after block K-1 (F16).
+
+    With the base file alone, block K-1 is the GGUF's last; llama.cpp keeps only output rows
+    there, so reading h_K of every row makes every row an output row, each paying the 49k-row
+    LM head (about 30% of the work at K=20). Here h_K is the input of block K, which llama.cpp
+    hands over for every row (`LayerInputTap`), while no row needs logits. Same bytes for
+    blocks [0, K), so the same h_K; the caller checks that on one sample."""
+    from quantize.edge_gguf import write_edge_gguf
+
+    float_path = out.with_name(out.name + ".float.tmp")
+    try:
+        write_edge_gguf(src, split, float_path, "F16", fingerprint=src.fingerprint(),
+                        adapter_state=build_adapter(src, split, cfg).export_state(), adapter_blocks=cfg.blocks,
+                        progress=False)
+        splice_adapter_gguf(base, float_path, out)
+    finally:
+        float_path.unlink(missing_ok=True)
+    return out
 
 
 def splice_adapter_gguf(base: Path, with_adapter: Path, out: Path) -> None:

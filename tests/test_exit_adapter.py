@@ -289,8 +289,9 @@ def test_training_stops_when_validation_agreement_stops_rising(demo_source, min_
 
 
 def test_answers_generated_by_two_worker_processes_are_the_ones_one_process_writes(demo_source):
-    """Issue 11.5: calibration answers over two spawned 1-thread workers (answer i on worker i % 2)
-    are the very answers one process writes: greedy and sampled, each answer keeps its own RNG."""
+    """Issue 11.5: held-out (greedy) and training (sampled) answers come out of one pass; over two
+    spawned 1-thread workers (answer i on worker i % 2) they are the very answers one process
+    writes, and the held-out ones are the answers a greedy pass alone writes."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -306,13 +307,113 @@ def test_answers_generated_by_two_worker_processes_are_the_ones_one_process_writ
                    for m in builtin_prompts()[:6]]
     finally:
         model.close()
+    held, train = prompts[:3], prompts[3:]
     cfg = DataConfig(max_new_tokens=12, n_parallel=4)
-    for greedy in (True, False):
-        one = generate_parallel(demo_gguf_path(), prompts, cfg, greedy=greedy, token_budget=None, desc="",
-                                progress=False, threads=1)
-        two = generate_parallel(demo_gguf_path(), prompts, dataclasses.replace(cfg, workers=2), greedy=greedy,
-                                token_budget=None, desc="", progress=False)
-        assert [s.prompt for s in two] == prompts
-        assert [s.answer for s in two] == [s.answer for s in one], greedy
-        if not greedy:
-            assert all(np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(one, two))
+    one = generate_parallel(demo_gguf_path(), held, train, cfg, token_budget=None, desc="", progress=False,
+                            threads=1)
+    two = generate_parallel(demo_gguf_path(), held, train, dataclasses.replace(cfg, workers=2), token_budget=None,
+                            desc="", progress=False)
+    alone, none = generate_parallel(demo_gguf_path(), held, [], cfg, token_budget=None, desc="", progress=False,
+                                    threads=1)
+    assert none == []
+    for a, b in zip(one, two):
+        assert [s.prompt for s in b] == [s.prompt for s in a]
+        assert [s.answer for s in b] == [s.answer for s in a]
+    assert [s.prompt for s in two[0]] == held and [s.prompt for s in two[1]] == train
+    assert [s.answer for s in alone] == [s.answer for s in one[0]]  # sharing the batch changes nothing
+    assert all(s.topk_ids is None for s in one[0])
+    assert all(np.array_equal(a.topk_ids, b.topk_ids) for a, b in zip(one[1], two[1]))
+
+
+def test_a_training_token_budget_cuts_training_answers_only(demo_source):
+    """The budget counts training tokens: it is met (and barely passed), while every held-out
+    answer still ends at an end-of-generation token or max_new_tokens."""
+    from transformers import AutoTokenizer
+
+    from edge_runtime.llama_backend import LlamaModel
+    from quantize.calibration_data import DataConfig, builtin_prompts, generate, render_prompt
+    from quantize.source import demo_gguf_path
+
+    tok = AutoTokenizer.from_pretrained(demo_source.tokenizer_dir)
+    model = LlamaModel(demo_gguf_path())
+    try:
+        prompts = [model.tokenize(render_prompt(tok, m), add_special=False, parse_special=True)
+                   for m in builtin_prompts()[:8]]
+        cfg = DataConfig(max_new_tokens=16, n_parallel=4)
+        held, train = generate(model, prompts[:2], prompts[2:], cfg, token_budget=20, desc="", progress=False,
+                               threads=1)
+        assert len(held) == 2
+        assert all(len(s.answer) == 16 or model.is_eog(s.answer[-1]) for s in held)
+        n = sum(len(s.answer) for s in train)
+        assert 20 <= n < 20 + cfg.n_parallel
+        assert all(s.topk_ids.shape[0] == len(s.answer) for s in train)
+    finally:
+        model.close()
+
+
+def test_distill_loss_matches_the_full_log_softmax_in_value_and_gradient():
+    """The chunked top-k log-softmax is the textbook loss: same value, same dL/dlogits, for
+    float32 logits and for the bf16 logits training uses (rows not a multiple of the chunk)."""
+    import torch
+
+    from quantize.exit_adapter import distill_loss
+
+    def reference(z, ids, t_logp, w):
+        s_logp = torch.log_softmax(z.float(), dim=-1)
+        s_top = s_logp.gather(1, ids)
+        t_p = t_logp.exp()
+        t_rest = (1 - t_p.sum(-1)).clamp_min(1e-6)
+        s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
+        kl = (t_p * (t_logp - s_top)).sum(-1) + t_rest * (t_rest.log() - s_rest)
+        return kl.mean() - w * s_top[:, 0].mean(), (z.argmax(-1) == ids[:, 0]).sum()
+
+    g = torch.Generator().manual_seed(0)
+    n, v, k = 75, 3000, 8
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        base = (torch.randn(n, v, generator=g) * 3).to(dtype)
+        ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+        ids[::3, 0] = base[::3].float().argmax(-1)  # some rows agree
+        t_logp = torch.log_softmax(torch.randn(n, k, generator=g), -1) - 0.2
+        got_z, ref_z = base.clone().requires_grad_(), base.clone().requires_grad_()
+        loss, hit = distill_loss(got_z, ids, t_logp, 1.0)
+        ref_loss, ref_hit = reference(ref_z, ids, t_logp, 1.0)
+        loss.backward()
+        ref_loss.backward()
+        assert int(hit) == int(ref_hit) >= n // 3
+        assert abs(float(loss) - float(ref_loss)) < tol * max(1.0, abs(float(ref_loss)))
+        assert got_z.grad.dtype == dtype
+        err = (got_z.grad.float() - ref_z.grad.float()).abs().max()
+        assert err <= tol * ref_z.grad.float().abs().max(), (dtype, float(err))
+
+
+def test_h_k_probe_gguf_gives_the_base_files_h_k_without_logits(demo_bundle, demo_source, tmp_path):
+    """The export reads the calibration text's h_K from a probe GGUF (base blocks byte for byte
+    plus an untrained block K): llama.cpp hands h_K over as block K's input, no row is an output
+    row, and the values are bit-identical to the eval-callback tap on the base file."""
+    from edge_runtime.hidden_tap import layer_input_supported
+    from edge_runtime.llama_backend import LlamaContext, LlamaModel
+    from quantize.calibration_data import Sample
+    from quantize.exit_adapter import AdapterConfig, edge_hidden_states, hk_probe_gguf
+    from tests.conftest import DEMO_SPLIT
+
+    base = demo_bundle / "edge" / "edge.gguf"
+    probe = hk_probe_gguf(demo_source, DEMO_SPLIT, AdapterConfig(), base, tmp_path / "probe.gguf")
+    assert not list(tmp_path.glob("*.tmp"))
+    b, p = _tensors(base), _tensors(probe)
+    assert {n: v for n, v in p.items() if n in b and n != "output_norm.weight"} == \
+        {n: v for n, v in b.items() if n != "output_norm.weight"}
+    assert f"blk.{DEMO_SPLIT}.attn_q.weight" in p and f"blk.{DEMO_SPLIT}.attn_q.weight" not in b
+    samples = [Sample(prompt=list(range(200, 240 + 37 * i)), answer=list(range(500, 520 + 11 * i))) for i in range(3)]
+    via_probe = edge_hidden_states(probe, DEMO_SPLIT, samples, threads=2, progress=False, hidden_via="auto")
+    via_base = edge_hidden_states(base, DEMO_SPLIT, samples, threads=2, progress=False)
+    for x, y, s in zip(via_probe, via_base, samples):
+        assert x.shape == (len(s.tokens) - 1, demo_source.spec.hidden_size)
+        assert np.array_equal(x, y)
+    model = LlamaModel(probe)
+    try:
+        ctx = LlamaContext(model, n_ctx=256, tap_layer=DEMO_SPLIT - 1, hidden_via="auto")
+        assert not ctx.tap_needs_all_outputs
+        assert (ctx.layer_tap is not None) == layer_input_supported()
+        ctx.close()
+    finally:
+        model.close()
