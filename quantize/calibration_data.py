@@ -383,15 +383,37 @@ def generate_parallel(full_gguf: Path, heldout: list[list[int]], train: list[lis
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    from tqdm import tqdm
+
     w = cfg.workers
     share = None if token_budget is None else -(-token_budget // w)
-    with ProcessPoolExecutor(w, mp_context=mp.get_context("spawn")) as pool:
+    spawn = mp.get_context("spawn")
+    counter = spawn.Value("q", 0)  # answer tokens written by all workers: the parent's progress bar
+    per_answer = min(cfg.max_new_tokens, EXPECTED_ANSWER_TOKENS)
+    total = (token_budget or len(train) * per_answer) + len(heldout) * per_answer
+    with ProcessPoolExecutor(w, mp_context=spawn, initializer=_init_worker, initargs=(counter,)) as pool, \
+            tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False) as bar:
         futs = [pool.submit(_generate_worker, str(full_gguf), heldout, train, cfg, share, k, w)
                 for k in range(w)]
+        while True:
+            done, pending = wait(futs, timeout=0.5, return_when=FIRST_EXCEPTION)
+            bar.update(counter.value - bar.n)
+            if not pending or any(f.exception() for f in done):
+                break
         parts = [f.result() for f in futs]
     held = {i: smp for part in parts for i, smp in part[0]}
     tr = {i: smp for part in parts for i, smp in part[1]}
     return [held[i] for i in sorted(held)], [tr[i] for i in sorted(tr)]
+
+
+_WORKER_COUNTER: Any = None  # in a worker process: the shared token counter (`_init_worker`)
+
+
+def _init_worker(counter: Any) -> None:
+    global _WORKER_COUNTER
+    _WORKER_COUNTER = counter
 
 
 def _generate_worker(full_gguf: str, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig,
@@ -402,18 +424,18 @@ def _generate_worker(full_gguf: str, heldout: list[list[int]], train: list[list[
     model = LlamaModel(Path(full_gguf))
     try:
         return generate(model, heldout, train, cfg, token_budget=token_budget, desc="", progress=False,
-                        threads=1, shard=(k, w), indexed=True)
+                        threads=1, shard=(k, w), indexed=True, counter=_WORKER_COUNTER)
     finally:
         model.close()
 
 
 def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig, *,
              token_budget: int | None, desc: str, progress: bool = True, threads: int | None = None,
-             shard: tuple[int, int] = (0, 1), indexed: bool = False) -> Any:
+             shard: tuple[int, int] = (0, 1), indexed: bool = False, counter: Any = None) -> Any:
     """Answer the held-out prompts greedily and the training prompts by sampling, in one pass of
-    continuous batching over `cfg.n_parallel` llama.cpp sequences (one pass: the held-out
-    answers fill the first slots and the training answers the rest, so no batch drains
-    twice). Returns (held-out samples, training samples), each in index order.
+    continuous batching over `cfg.n_parallel` llama.cpp sequences (one pass: one set of worker
+    processes and model loads, and the batch drains once, after the training budget is met;
+    the held-out answers take the first slots). Returns (held-out samples, training samples), each in index order.
 
     Sampling uses one RNG per training answer (seeded by `cfg.seed` and the answer's index).
     With a token budget, training prompts are answered again (new samples) until the budget
@@ -422,6 +444,7 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
     always complete.
     shard (k, w): answer only the jobs with index % w == k (a worker's share).
     indexed: return ([(index, Sample)], [(index, Sample)]) instead.
+    counter: a shared multiprocessing Value that gets the answer tokens written (progress).
     """
     from tqdm import tqdm
 
@@ -482,6 +505,9 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
                 if done:
                     owners.append(s)
             res = ctx.decode(rows)
+            if counter is not None and owners:
+                with counter.get_lock():
+                    counter.value += len(owners)
             for row, s in enumerate(owners):
                 st = slots[s]
                 z = res.logits[row].astype(np.float64)

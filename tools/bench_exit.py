@@ -147,8 +147,8 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
         model = LlamaModel(full)
         try:
             enc = [model.tokenize(render_prompt(tok, p), add_special=False, parse_special=True) for p in prompts]
-            samples = generate(model, enc, DataConfig(), greedy=True, token_budget=None, desc="diverse answers",
-                               progress=False, threads=th)
+            samples, _ = generate(model, enc, [], DataConfig(), token_budget=None, desc="diverse answers",
+                                  progress=False, threads=th)
         finally:
             model.close()
         gen_s = time.time() - t0
