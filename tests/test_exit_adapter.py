@@ -417,3 +417,30 @@ def test_h_k_probe_gguf_gives_the_base_files_h_k_without_logits(demo_bundle, dem
         ctx.close()
     finally:
         model.close()
+
+
+@pytest.mark.slow
+def test_bench_exit_measures_a_bundle_on_the_diverse_set(demo_bundle_adapter, tmp_path):
+    """`python tools/bench_exit.py --bundle DIR` (the diverse-set figures the README reports) runs
+    on an export of the production path and writes both held-out sets' figures."""
+    import json
+    import subprocess
+    import sys
+
+    from quantize.calibration_data import read_calib_text
+    from tools.bench_exit import HELDOUT_DIVERSE
+
+    out = tmp_path / "exit.json"
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "tools/bench_exit.py", "--bundle", str(demo_bundle_adapter), "--no-progress",
+                        "--json", str(out)], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "diverse" in r.stdout and "in-template" in r.stdout
+    rows = json.loads(out.read_text())
+    row = rows[0] if isinstance(rows, list) else rows
+    d, t = row["diverse"], row["in_template"]
+    assert d["answers"] == len(read_calib_text(HELDOUT_DIVERSE)) >= 60
+    assert d["positions"] > 20 * d["answers"]
+    for x in (d, t):
+        assert 0.0 <= x["agreement_top1"] <= 1.0 and 1.0 <= x["spec_mean_accepted"] <= 5.0
+    assert row["diverse_confidence_stop_tokens_per_round"]["0.0"] == pytest.approx(d["spec_mean_accepted"], abs=1e-3)
