@@ -9,8 +9,9 @@ position ("teacher cache"); held-out answers are greedy, so that spec-drafting
 acceptance can be replayed exactly on them. Positions inside the prompt
 (system text, chat template, the user's words) are never targets.
 
-Prompts come from a built-in, combinatorial set (`builtin_prompts`, no
-external data) or from the user (`--calib-text FILE`):
+Prompts come from a built-in, combinatorial set (`builtin_prompts`, no external data)
+joined by requests the full model writes itself (`quantize.self_instruct`), or from the
+user (`--calib-text FILE`):
 
 * `.txt`   one prompt per paragraph (paragraphs are separated by blank lines);
            each is sent as a user message through the model's chat template.
@@ -18,6 +19,9 @@ external data) or from the user (`--calib-text FILE`):
            or a bare list of such messages. The conversation up to its last user
            message is the prompt; a trailing assistant answer is dropped (the
            full model writes its own).
+
+Every `follow_up_every`-th training answer that ends its turn is followed by a second
+user turn (`FOLLOW_UPS`) and the full model's answer to it, in the same llama.cpp sequence.
 
 The split into training and held-out prompts is fixed (every
 `HELDOUT_EVERY`-th prompt of a fixed shuffle is held out) and the held-out
@@ -42,7 +46,7 @@ from fogline.errors import ConfigError, ExportError
 HELDOUT_EVERY = 8
 MIN_PROMPTS = 2 * HELDOUT_EVERY  # at least two held-out prompts
 TOP_K = 32  # teacher log-probs kept per generated position
-DATA_VERSION = 4  # bump when generation or storage changes
+DATA_VERSION = 5  # bump when generation or storage changes
 
 Messages = list[dict[str, str]]
 
@@ -94,7 +98,7 @@ _WORDS = ["serendipity", "resilient", "ephemeral", "meticulous", "ubiquitous", "
 _PAIRS = [("cats", "dogs"), ("tea", "coffee"), ("trains", "planes"), ("books", "films"),
           ("summer", "winter"), ("Python", "JavaScript"), ("renting", "buying a home"),
           ("the sun", "the moon"), ("paper books", "e-readers"), ("running", "swimming")]
-_SYSTEMS = [None, None, None, "You are a concise assistant.", "You are a friendly teacher.",
+SYSTEM_PROMPTS = [None, None, None, "You are a concise assistant.", "You are a friendly teacher.",
             "Answer briefly and clearly."]
 
 
@@ -130,7 +134,10 @@ _TEMPLATES: list[Callable[[random.Random], str]] = [
 ]
 
 
-def builtin_prompts(n: int = 400) -> list[Messages]:
+DEFAULT_PROMPTS = 360  # a default export's prompts: built-in templated ones + self-instruct requests
+
+
+def builtin_prompts(n: int = DEFAULT_PROMPTS) -> list[Messages]:
     """`n` distinct chat prompts: the templates in turn, slots filled by a fixed RNG."""
     rng = random.Random(20240611)
     out: list[Messages] = []
@@ -142,7 +149,7 @@ def builtin_prompts(n: int = 400) -> list[Messages]:
         if text in seen:
             continue
         seen.add(text)
-        system = _SYSTEMS[rng.randrange(len(_SYSTEMS))]
+        system = SYSTEM_PROMPTS[rng.randrange(len(SYSTEM_PROMPTS))]
         msgs: Messages = ([{"role": "system", "content": system}] if system else [])
         msgs.append({"role": "user", "content": text})
         out.append(msgs)
@@ -213,6 +220,7 @@ class Sample:
     answer: list[int]
     topk_ids: np.ndarray | None = None  # [len(answer), TOP_K] int32: teacher's top-k at each answer step
     topk_logp: np.ndarray | None = None  # [len(answer), TOP_K] float16 log-probabilities
+    turn: int = 0  # 1: a follow-up answer (the prompt holds the first turn and its answer)
 
     @property
     def tokens(self) -> list[int]:
@@ -255,6 +263,53 @@ class DataConfig:
     # process makes 81 (1 thread) or 124 (2 threads, barrier waits); answer i always gets the
     # same RNG, but which answers a token budget cuts depends on the split, hence in the key
     workers: int = 1
+    # stop an answer at its stop_lines-th line break (0: at end of generation or max_new_tokens);
+    # self-instruct's numbered lists, where only the first lines are used
+    stop_lines: int = 0
+    # every follow_up_every-th training answer that ends its turn gets a second user turn (a
+    # FOLLOW_UPS request) answered in the same llama.cpp sequence: multi-turn text at the cost of
+    # the follow-up's tokens only (the first turn is already in that sequence's KV); 0: none
+    follow_up_every: int = 4
+
+
+FOLLOW_UPS = [
+    "Can you make that shorter?", "Can you give me an example?", "Explain that more simply, please.",
+    "Thanks! What else should I know?", "Can you put that in a list?", "Why is that?",
+    "Can you say more about the first point?", "What would you do differently?",
+    "Could you make it sound more friendly?", "What is a common mistake here?",
+    "Now summarize your answer in one sentence.", "Is there another way to do it?",
+    "Can you write that for a child?", "What are the risks?", "Give me two more ideas.",
+    "How long does that usually take?",
+]
+
+
+def follow_up_suffixes(tokenizer: Any, model: Any, texts: list[str] = FOLLOW_UPS) -> list[list[int]] | None:
+    """Per follow-up request, the tokens that continue a conversation from the assistant's
+    end-of-turn token (included, first) to the next assistant turn's first token: what the chat
+    template puts between the two answers. None (no follow-ups) when the template has no such
+    fixed suffix, i.e. when it depends on the earlier turns' text."""
+    out = []
+    for f in texts:
+        found = set()
+        for u, a in (("Hello.", "Hi there."), ("What is 2 + 2?", "It is 4.")):
+            first = render_prompt(tokenizer, [{"role": "user", "content": u}]) + a
+            full = render_prompt(tokenizer, [{"role": "user", "content": u}, {"role": "assistant", "content": a},
+                                             {"role": "user", "content": f}])
+            if not full.startswith(first):
+                return None
+            found.add(full[len(first):])
+        if len(found) != 1:
+            return None
+        toks = model.tokenize(found.pop(), add_special=False, parse_special=True)
+        if len(toks) < 2 or not model.is_eog(toks[0]):
+            return None
+        out.append(toks)
+    return out
+
+
+def newline_tokens(model: Any) -> frozenset[int]:
+    """Token ids whose text holds a line break."""
+    return frozenset(t for t in range(model.n_vocab) if b"\n" in model.token_bytes(t))
 
 
 def render_prompt(tokenizer: Any, msgs: Messages) -> str:
@@ -319,16 +374,22 @@ def build_calibration_set(full_gguf: Path, tokenizer: Any, fingerprint: str, pro
         log(f"calibration data: ~{want} answer tokens (and ~{prompt_want:.0f} prompt tokens) to generate over "
             f"{cfg.workers} worker(s); estimated ~{est:.0f} s (measured per worker: {decode_rate:.0f} answer "
             f"tokens/s, {prefill_rate:.0f} prompt tokens/s)")
+        follow = follow_up_suffixes(tokenizer, model) if cfg.follow_up_every else None
+        if cfg.follow_up_every and follow is None:
+            log("calibration data: the chat template's text between turns depends on the turns; "
+                "no follow-up turns in the training answers")
         heldout, train = generate_parallel(full_gguf, held_tok, train_tok, cfg, model=model,
                                            token_budget=cfg.train_tokens, desc="answers", progress=progress,
-                                           threads=threads)
+                                           threads=threads, follow_ups=follow)
     finally:
         model.close()
     cs = CalibrationSet(train=train, heldout=heldout, key=key,
                         info={"prompts": len(prompts), "train_prompts": len(train), "heldout_prompts": len(heldout),
+                              "follow_ups": sum(1 for smp in train if smp.turn),
                               "generate_seconds": round(time.time() - t0, 1), "temperature": cfg.temperature,
                               "max_new_tokens": cfg.max_new_tokens})
-    log(f"calibration data: generated {cs.train_tokens} training tokens ({len(train)} answers) and "
+    log(f"calibration data: generated {cs.train_tokens} training tokens ({len(train)} answers, "
+        f"{cs.info['follow_ups']} of them follow-up turns) and "
         f"{cs.heldout_tokens} held-out tokens ({len(heldout)} answers) in {time.time() - t0:.0f} s")
     if path is not None:
         save_set(path, cs)
@@ -364,7 +425,8 @@ def generation_rates(model: Any, cfg: DataConfig, threads: int = 1) -> tuple[flo
 
 def generate_parallel(full_gguf: Path, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig, *,
                       token_budget: int | None, desc: str, progress: bool = True,
-                      threads: int | None = None, model: Any = None) -> tuple[list[Sample], list[Sample]]:
+                      threads: int | None = None, model: Any = None,
+                      follow_ups: list[list[int]] | None = None) -> tuple[list[Sample], list[Sample]]:
     """`generate` over `cfg.workers` processes (spawned, one llama.cpp thread each): held-out
     answer j goes to worker j % workers and training answer i to worker i % workers; each
     worker gets an equal share of the token budget. With one worker it runs in this process,
@@ -376,7 +438,7 @@ def generate_parallel(full_gguf: Path, heldout: list[list[int]], train: list[lis
         model = LlamaModel(full_gguf) if own else model
         try:
             return generate(model, heldout, train, cfg, token_budget=token_budget, desc=desc,
-                            progress=progress, threads=threads)
+                            progress=progress, threads=threads, follow_ups=follow_ups)
         finally:
             if own:
                 model.close()
@@ -395,7 +457,7 @@ def generate_parallel(full_gguf: Path, heldout: list[list[int]], train: list[lis
     total = (token_budget or len(train) * per_answer) + len(heldout) * per_answer
     with ProcessPoolExecutor(w, mp_context=spawn, initializer=_init_worker, initargs=(counter,)) as pool, \
             tqdm(total=total, desc=desc, unit="tok", disable=not progress, leave=False) as bar:
-        futs = [pool.submit(_generate_worker, str(full_gguf), heldout, train, cfg, share, k, w)
+        futs = [pool.submit(_generate_worker, str(full_gguf), heldout, train, cfg, share, k, w, follow_ups)
                 for k in range(w)]
         while True:
             done, pending = wait(futs, timeout=0.5, return_when=FIRST_EXCEPTION)
@@ -417,21 +479,23 @@ def _init_worker(counter: Any) -> None:
 
 
 def _generate_worker(full_gguf: str, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig,
-                     token_budget: int | None, k: int, w: int) -> tuple[list[tuple[int, Sample]], ...]:
+                     token_budget: int | None, k: int, w: int,
+                     follow_ups: list[list[int]] | None) -> tuple[list[tuple[Any, Sample]], ...]:
     """One worker process: the answers with index % w == k, on one llama.cpp thread."""
     from edge_runtime.llama_backend import LlamaModel
 
     model = LlamaModel(Path(full_gguf))
     try:
         return generate(model, heldout, train, cfg, token_budget=token_budget, desc="", progress=False,
-                        threads=1, shard=(k, w), indexed=True, counter=_WORKER_COUNTER)
+                        threads=1, shard=(k, w), indexed=True, counter=_WORKER_COUNTER, follow_ups=follow_ups)
     finally:
         model.close()
 
 
 def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: DataConfig, *,
              token_budget: int | None, desc: str, progress: bool = True, threads: int | None = None,
-             shard: tuple[int, int] = (0, 1), indexed: bool = False, counter: Any = None) -> Any:
+             shard: tuple[int, int] = (0, 1), indexed: bool = False, counter: Any = None,
+             follow_ups: list[list[int]] | None = None) -> Any:
     """Answer the held-out prompts greedily and the training prompts by sampling, in one pass of
     continuous batching over `cfg.n_parallel` llama.cpp sequences (one pass: one set of worker
     processes and model loads, and the batch drains once, after the training budget is met;
@@ -443,8 +507,10 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
     flight are kept as they are (prefixes of the full model's answers). Held-out answers are
     always complete.
     shard (k, w): answer only the jobs with index % w == k (a worker's share).
-    indexed: return ([(index, Sample)], [(index, Sample)]) instead.
+    indexed: return ([(index, Sample)], [((index, turn), Sample)]) instead.
     counter: a shared multiprocessing Value that gets the answer tokens written (progress).
+    follow_ups: `follow_up_suffixes` (see DataConfig.follow_up_every); a training answer's
+    follow-up comes right after it in the returned training samples.
     """
     from tqdm import tqdm
 
@@ -453,27 +519,47 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
     n_train = len(train) * (MAX_PASSES if token_budget is not None else 1) if train else 0
     jobs = ([(True, j) for j in range(shard[0], len(heldout), shard[1])]
             + [(False, i) for i in range(shard[0], n_train, shard[1])])
-    results: tuple[dict[int, Sample], dict[int, Sample]] = ({}, {})  # (training, held-out)
+    results: tuple[dict[Any, Sample], dict[Any, Sample]] = ({}, {})  # (training by (i, turn), held-out by j)
     if not jobs:
         return [], []
     n_par = min(cfg.n_parallel, len(jobs))
     seq_ctx = MAX_PROMPT_TOKENS + cfg.max_new_tokens + 8
+    if follow_ups and cfg.follow_up_every:
+        seq_ctx += max(map(len, follow_ups)) + cfg.max_new_tokens
     ctx = LlamaContext(model, n_ctx=seq_ctx * n_par, n_batch=512, n_seq=n_par, n_threads=threads)
     slots: list[dict[str, Any] | None] = [None] * n_par
+    breaks = newline_tokens(model) if cfg.stop_lines else frozenset()
+    fed: list[list[int]] = [[] for _ in range(n_par)]  # the tokens in each slot's KV, by position
     next_job = 0
     produced = 0  # training answer tokens
     budget_met = False
     bar = tqdm(total=(token_budget or n_train * cfg.max_new_tokens) + len(heldout) * cfg.max_new_tokens,
                desc=desc, unit="tok", disable=not progress, leave=False)
 
-    def prompt_of(st: dict[str, Any]) -> list[int]:
-        return heldout[st["i"]] if st["greedy"] else train[st["i"] % len(train)]
+    def new_state(i: int, greedy: bool, prompt: list[int], turn: int = 0, pos: int = 0,
+                  pending: list[int] | None = None) -> dict[str, Any]:
+        return {"i": i, "greedy": greedy, "turn": turn, "prompt": prompt, "pos": pos, "answer": [], "ids": [],
+                "logp": [], "lines": 0, "pending": list(prompt if pending is None else pending),
+                "rng": None if greedy else np.random.default_rng([cfg.seed, i] + ([turn] if turn else []))}
+
+    def follow_up(st: dict[str, Any]) -> dict[str, Any] | None:
+        """The second turn of a training answer that ended its turn, or None."""
+        every = cfg.follow_up_every
+        if (st["greedy"] or st["turn"] or not follow_ups or not every or budget_met
+                or st["i"] % every != every - 1 or not st["answer"]):
+            return None
+        sfx = follow_ups[int(np.random.default_rng([cfg.seed, st["i"], 99]).integers(len(follow_ups)))]
+        if st["answer"][-1] != sfx[0] or st["pos"] + len(sfx) + cfg.max_new_tokens > seq_ctx:
+            return None
+        # the end-of-turn token was sampled but not fed yet: it is the suffix's first token
+        return new_state(st["i"], False, st["prompt"] + st["answer"] + sfx[1:], turn=1, pos=st["pos"], pending=sfx)
 
     def finish(s: int) -> None:
         st = slots[s]
         assert st is not None
-        results[st["greedy"]][st["i"]] = _finish(prompt_of(st), st, st["greedy"])
-        slots[s] = None
+        key = st["i"] if st["greedy"] else (st["i"], st["turn"])
+        results[st["greedy"]][key] = _finish(st["prompt"], st, st["greedy"])
+        slots[s] = follow_up(st)
 
     try:
         while True:
@@ -483,11 +569,13 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
                     next_job += 1
                     if budget_met and not greedy:
                         continue
-                    ctx.remove(s)
-                    st: dict[str, Any] = {"i": i, "greedy": greedy, "pos": 0, "answer": [], "ids": [], "logp": [],
-                                          "rng": None if greedy else np.random.default_rng([cfg.seed, i])}
-                    st["pending"] = list(prompt_of(st))
-                    slots[s] = st
+                    prompt = heldout[i] if greedy else train[i % len(train)]
+                    # keep the KV of what this prompt shares with the slot's last sequence (the chat
+                    # template's system turn, mostly), as llama.cpp's server does: ~half the prompt tokens
+                    keep = _common_prefix(fed[s], prompt, len(prompt) - 1)
+                    ctx.remove(s, keep)
+                    del fed[s][keep:]
+                    slots[s] = new_state(i, greedy, prompt, pos=keep, pending=prompt[keep:])
             active = [s for s in range(n_par) if slots[s] is not None]
             if not active:
                 break
@@ -500,6 +588,7 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
                 take = st["pending"][:room]
                 done = len(take) == len(st["pending"])
                 rows.extend(BatchRow(t, st["pos"] + j, s, done and j == len(take) - 1) for j, t in enumerate(take))
+                fed[s].extend(take)
                 st["pos"] += len(take)
                 st["pending"] = st["pending"][len(take):]
                 if done:
@@ -525,7 +614,10 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
                     produced += 1
                 st["answer"].append(tok)
                 bar.update(1)
-                if model.is_eog(tok) or len(st["answer"]) >= cfg.max_new_tokens:
+                if tok in breaks:
+                    st["lines"] += model.token_bytes(tok).count(b"\n")
+                if model.is_eog(tok) or len(st["answer"]) >= cfg.max_new_tokens \
+                        or (cfg.stop_lines and st["lines"] >= cfg.stop_lines):
                     finish(s)
                 else:
                     st["pending"] = [tok]
@@ -548,11 +640,20 @@ def generate(model: Any, heldout: list[list[int]], train: list[list[int]], cfg: 
     return [held_r[i] for i in sorted(held_r)], [train_r[i] for i in sorted(train_r)]
 
 
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _finish(prompt: list[int], st: dict[str, Any], greedy: bool) -> Sample:
     if greedy:
         return Sample(prompt=list(prompt), answer=st["answer"])
     return Sample(prompt=list(prompt), answer=st["answer"], topk_ids=np.stack(st["ids"]),
-                  topk_logp=np.stack(st["logp"]))
+                  topk_logp=np.stack(st["logp"]), turn=st["turn"])
 
 
 # ---- cache files ---------------------------------------------------------------------------------
@@ -567,6 +668,7 @@ def save_set(path: Path, cs: CalibrationSet) -> None:
     arrays = {**pack(cs.train, "train"), **pack(cs.heldout, "heldout"),
               "train_topk_ids": np.concatenate([s.topk_ids for s in cs.train]),
               "train_topk_logp": np.concatenate([s.topk_logp for s in cs.train]),
+              "train_turn": np.asarray([s.turn for s in cs.train], np.int8),
               "meta": np.frombuffer(json.dumps({"key": cs.key, "info": cs.info}).encode(), np.uint8)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -586,9 +688,10 @@ def load_set(path: Path, key: str) -> CalibrationSet:
             prompt, answer = z[f"{prefix}_prompt"], z[f"{prefix}_answer"]
             ids = z["train_topk_ids"] if with_topk else None
             logp = z["train_topk_logp"] if with_topk else None
+            turn = z["train_turn"] if with_topk else np.zeros(len(pl), np.int8)
             return [Sample(prompt=prompt[po[i]:po[i + 1]].tolist(), answer=answer[ao[i]:ao[i + 1]].tolist(),
                            topk_ids=ids[ao[i]:ao[i + 1]] if with_topk else None,
-                           topk_logp=logp[ao[i]:ao[i + 1]] if with_topk else None)
+                           topk_logp=logp[ao[i]:ao[i + 1]] if with_topk else None, turn=int(turn[i]))
                     for i in range(len(pl))]
 
         return CalibrationSet(train=unpack("train", True), heldout=unpack("heldout", False), key=key,

@@ -39,6 +39,7 @@ class ExportRequest:
     exit_adapter: int = 0
     calib_text: str | None = None
     calib_budget: str | None = None
+    self_instruct: int | None = None  # None: the default (SELF_INSTRUCT_DEFAULT with the built-in prompts)
     seed: int = 0
     target_agreement: float = 0.95
 
@@ -62,7 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "no calibration; default 1)")
     g.add_argument("--calib-text", metavar="FILE",
                    help="prompts for calibration: .txt (one per paragraph) or .jsonl chat messages; "
-                        "default: a built-in set of 400 prompts. The full model writes the answers.")
+                        "default: 360 prompts, 200 built-in templated ones and the --self-instruct requests. "
+                        "The full model writes the answers.")
+    g.add_argument("--self-instruct", type=int, default=None, metavar="N",
+                   help="N more prompts written by the full model itself from a seed list of request kinds "
+                        "(cached; default: 160 with the built-in prompts, 0 with --calib-text)")
     g.add_argument("--calib-budget", metavar="BUDGET",
                    help="training tokens to generate (e.g. 60k) and/or a training time cap (e.g. 8m), "
                         "e.g. '30k,5m'; default: one sampled answer per training prompt (~44k tokens for the "
@@ -84,13 +89,15 @@ def request_from_args(a: argparse.Namespace) -> ExportRequest:
     quant = None if a.quant == "auto" else a.quant.upper()
     if a.exit_adapter < 0:
         raise ExportError(f"--exit-adapter must be 0 or more, not {a.exit_adapter}")
+    if a.self_instruct is not None and a.self_instruct < 0:
+        raise ExportError(f"--self-instruct must be 0 or more, not {a.self_instruct}")
     if not 0 < a.target_agreement <= 1:
         raise ExportError(f"--target-agreement must be in (0, 1], not {a.target_agreement}")
     return ExportRequest(source=a.source, out=Path(a.out), split=split, quant=quant, device=a.device,
                          device_memory=a.device_memory, force=a.force, cloud_dtype=a.cloud_dtype,
                          threads=a.threads, tokenizer_pre=a.tokenizer_pre, progress=not a.no_progress,
                          exit_adapter=a.exit_adapter, calib_text=a.calib_text, calib_budget=a.calib_budget,
-                         seed=a.seed, target_agreement=a.target_agreement)
+                         self_instruct=a.self_instruct, seed=a.seed, target_agreement=a.target_agreement)
 
 
 def run_export(req: ExportRequest, log=print, source: Any = None) -> tuple[Manifest, Manifest]:
@@ -249,7 +256,7 @@ def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: Exp
 
     areq = ea.AdapterRequest(blocks=req.exit_adapter, calib_text=req.calib_text,
                              budget=ea.parse_budget(req.calib_budget), seed=req.seed, threads=req.threads,
-                             progress=req.progress)
+                             progress=req.progress, self_instruct=req.self_instruct)
     threads = ea.export_threads(req.threads)
     edge_path, base = edge_dir / EDGE_GGUF, edge_dir / "edge.base.gguf"
     os.replace(edge_path, base)
@@ -288,7 +295,7 @@ def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: Exp
     bare_short = {k: bare[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target", "spec_mean_accepted")}
     cal.record_measurement(src, split, quant, areq, data.key, curve, bare_short, result.info)
     calibration = {**curve, "bare_head": bare_short,
-                   "data": {"key": data.key, "prompts": origin, "heldout_answers": len(data.heldout),
+                   "data": {"key": data.key, "prompt_source": origin, "heldout_answers": len(data.heldout),
                             "heldout_positions": data.heldout_tokens, "train_answers": len(data.train),
                             "train_positions": data.train_tokens, **data.info},
                    "split_advice": cal.split_advice(src.spec, src.fingerprint(), quant, areq, data.key, split,

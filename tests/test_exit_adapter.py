@@ -14,7 +14,7 @@ import pytest
 
 from fogline.cli import main as cli_main
 from fogline.manifest import load_manifest, sha256_file
-from tests.conftest import ADAPTER_BUDGET, ADAPTER_PROMPTS, DEMO_SPLIT, export_adapter
+from tests.conftest import ADAPTER_BUDGET, ADAPTER_PROMPTS, ADAPTER_SELF_INSTRUCT, DEMO_SPLIT, export_adapter
 
 BUDGET = ADAPTER_BUDGET
 
@@ -92,10 +92,12 @@ def test_manifest_calibration_is_reproduced_by_remeasuring(adapter_bundle, demo_
     root, _ = adapter_bundle
     edge = load_manifest(root / "edge", role="edge")
     c = edge.calibration
-    assert c is not None and c["positions"] > 0 and c["data"]["heldout_answers"] == 3
+    assert c is not None and c["positions"] > 0 and c["data"]["heldout_answers"] == 4  # 1 in 8 of 21 + 12
+    assert c["data"]["prompt_source"] == f"file:{calib_jsonl.name}+self-instruct:{ADAPTER_SELF_INSTRUCT}"
+    assert c["data"]["prompts"] == len(ADAPTER_PROMPTS) + ADAPTER_SELF_INSTRUCT
     tok = AutoTokenizer.from_pretrained(root / "cloud")
     areq = ea.AdapterRequest(blocks=1, calib_text=str(calib_jsonl), budget=ea.parse_budget(BUDGET), seed=0,
-                             progress=False, threads=1)  # as export_adapter
+                             progress=False, threads=1, self_instruct=ADAPTER_SELF_INSTRUCT)  # as export_adapter
     data, _ = ea.calibration_set(demo_source, "demo", tok, areq, log=lambda *_: None)  # cache hit
     assert data.key == c["data"]["key"]
     again = cal.calibrate(root / "edge" / "edge.gguf", data.heldout, c["target_agreement"])
@@ -444,3 +446,12 @@ def test_bench_exit_measures_a_bundle_on_the_diverse_set(demo_bundle_adapter, tm
     for x in (d, t):
         assert 0.0 <= x["agreement_top1"] <= 1.0 and 1.0 <= x["spec_mean_accepted"] <= 5.0
     assert row["diverse_confidence_stop_tokens_per_round"]["0.0"] == pytest.approx(d["spec_mean_accepted"], abs=1e-3)
+
+
+def test_negative_self_instruct_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = cli_main(["export", "--source", "demo", "--split", "20", "--out", str(out), "--self-instruct", "-1",
+                   "--no-progress"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "--self-instruct must be 0 or more" in lines[0], lines
+    assert not out.exists()
