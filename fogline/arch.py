@@ -82,6 +82,19 @@ class ArchSpec:
             raise ExportError(f"activation {cfg.get('hidden_act')!r} is not supported (silu only)")
         return spec
 
+    @property
+    def block_macs(self) -> int:
+        """Weight multiply-accumulates of one transformer block per token (attention over the context,
+        which grows with it, not counted)."""
+        d, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
+        q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
+        return d * (q_out + 2 * kv_out) + q_out * d + 3 * d * i
+
+    @property
+    def head_macs(self) -> int:
+        """The LM head's multiply-accumulates per row it scores."""
+        return self.vocab_size * self.hidden_size
+
     @staticmethod
     def hidden_act(cfg: dict[str, Any]) -> str:
         return str(cfg.get("hidden_act", "silu"))

@@ -15,6 +15,10 @@ From that:
   longest matching prefix and adds its own token (the correction, or a bonus
   after γ accepted), so a round yields accepted + 1 tokens. Replayed exactly on
   greedy text: drafts condition only on accepted (hence true) tokens.
+* greedy drafting of a tree (`tree_tokens_per_round`): with the rank of the full
+  model's token under each exit distribution, a tree that drafts the top-w_i
+  tokens at depth i is replayed exactly too, since the accepted path is the
+  true text and its drafts are the teacher-forced ones.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fogline.arch import ArchSpec
 from quantize.calibration_data import Sample
 
 TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95,
@@ -39,6 +44,7 @@ class ExitStats:
     confidence: np.ndarray  # [N] float64: max probability of the exit distribution
     correct: np.ndarray  # [N] bool: exit argmax == the full model's token
     lengths: list[int]  # positions per sample
+    rank: np.ndarray | None = None  # [N] int: the full model's token's rank under the exit distribution (0: argmax)
 
 
 def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, progress: bool = False) -> ExitStats:
@@ -50,6 +56,7 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
     model = LlamaModel(edge_gguf)
     conf: list[np.ndarray] = []
     correct: list[np.ndarray] = []
+    ranks: list[np.ndarray] = []
     try:
         longest = max(len(s.tokens) for s in samples)
         ctx = LlamaContext(model, n_ctx=max(256, longest + 8), n_batch=512, n_threads=threads)
@@ -66,13 +73,17 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
                 m = z.max(-1, keepdims=True)
                 p_max = 1.0 / np.exp(z - m).sum(-1)
                 conf.append(p_max)
-                correct.append(z.argmax(-1) == np.asarray(s.answer))
+                answer = np.asarray(s.answer)
+                hit = z.argmax(-1) == answer
+                correct.append(hit)
+                above = (z > z[np.arange(len(answer)), answer][:, None]).sum(-1)
+                ranks.append(np.where(hit, 0, np.maximum(above, 1)))  # ties at the top count as argmax only if picked
         finally:
             ctx.close()
     finally:
         model.close()
     return ExitStats(confidence=np.concatenate(conf), correct=np.concatenate(correct),
-                     lengths=[len(s.answer) for s in samples])
+                     lengths=[len(s.answer) for s in samples], rank=np.concatenate(ranks))
 
 
 def curve(stats: ExitStats, grid: tuple[float, ...] = TAU_GRID) -> list[dict[str, float]]:
@@ -96,15 +107,43 @@ def choose_tau(points: list[dict[str, float]], target: float) -> dict[str, float
 
 def spec_accepted_length(stats: ExitStats, gamma: int = SPEC_GAMMA) -> float:
     """Mean tokens per greedy spec round (accepted drafts + the cloud's token)."""
-    tokens = rounds = 0
-    off = 0
-    for n in stats.lengths:
-        match = stats.correct[off: off + n]
+    return _tokens_per_round(stats.correct[:, None], stats.lengths, gamma)
+
+
+def tree_nodes(widths: tuple[int, ...]) -> int:
+    """Drafted tokens (h_K rows for the cloud to verify) of a tree with `widths[i]` children per node at depth i."""
+    nodes, level = 0, 1
+    for w in widths:
+        level *= w
+        nodes += level
+    return nodes
+
+
+def tree_tokens_per_round(stats: ExitStats, widths: tuple[int, ...]) -> float:
+    """Mean tokens per greedy spec round when the edge drafts a tree: every node at depth i gets the exit
+    head's top-`widths[i]` tokens as children, the cloud verifies all nodes in one pass and keeps the
+    longest path that matches its own greedy tokens, plus its own next token. (1, 1, 1, 1) is the γ=4
+    chain. Exact on greedy text: the path that can be accepted is the true one, and at each of its
+    nodes the exit distribution is the teacher-forced one, so a depth-i draft is accepted iff the
+    true token's rank there is below widths[i]."""
+    if stats.rank is None:
+        raise ValueError("tree replay needs ExitStats.rank (quantize.calibrate.measure records it)")
+    ok = stats.rank[:, None] < np.asarray(widths)[None, :]  # [N, depth]: would depth i accept this position
+    return _tokens_per_round(ok, stats.lengths, len(widths))
+
+
+def _tokens_per_round(ok: np.ndarray, lengths: list[int], depth: int) -> float:
+    """ok[pos, i]: a draft at tree depth i would be accepted at text position pos; ok has one column
+    (any depth) or `depth` columns."""
+    tokens = rounds = off = 0
+    per_depth = ok.shape[1] > 1
+    for n in lengths:
+        match = ok[off: off + n]
         off += n
         p = 0
         while p < n:
             a = 0
-            while a < gamma and p + a < n and match[p + a]:
+            while a < depth and p + a < n and match[p + a, a if per_depth else 0]:
                 a += 1
             emitted = min(a + 1, n - p)
             tokens += emitted
@@ -178,16 +217,9 @@ def load_measurements(fingerprint: str) -> list[dict[str, Any]]:
     return rows
 
 
-def block_macs(spec: Any) -> int:
-    d, hd, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
-    q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
-    return d * (q_out + 2 * kv_out) + q_out * d + 3 * d * i
-
-
-def edge_cost_fraction(spec: Any, split: int, blocks: int) -> float:
+def edge_cost_fraction(spec: ArchSpec, split: int, blocks: int) -> float:
     """Edge multiply-accumulates per token (K + N blocks + LM head) over the full model's (L blocks + head)."""
-    head = spec.vocab_size * spec.hidden_size
-    return ((split + blocks) * block_macs(spec) + head) / (spec.n_layers * block_macs(spec) + head)
+    return ((split + blocks) * spec.block_macs + spec.head_macs) / (spec.n_layers * spec.block_macs + spec.head_macs)
 
 
 def split_advice(spec: Any, fingerprint: str, quant: str, areq: Any, data_key: str, split: int,

@@ -50,6 +50,17 @@ def test_bench_capacity_tiny(demo_bundle, tmp_path, subprocess_env):
             assert row["p50_itl_ms"] >= 20.0, row  # every token costs the 20 ms round trip
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the compute bound counts the recorded rows: cloud mode sends every position (the prompt's and
+    # the generated ones) through the deep layers and scores one row per token, like cloud-only does
+    # through all layers, so its ratio lies between 1 and L / (L - K)
+    compute = result["compute_bound"]
+    assert set(compute) == set(MODES)
+    cloud, base = compute["cloud"], compute["cloud-only"]
+    assert abs(cloud["deep_rows_per_token"] - base["deep_rows_per_token"]) <= 1.0 / 8 + 1e-9, compute
+    assert cloud["head_rows_per_token"] == pytest.approx(1.0), compute
+    assert 1.0 < cloud["ratio_to_cloud_only"] < 30 / (30 - 20), compute
+    assert compute["spec"]["head_rows_per_token"] >= 1.0 and compute["collab"]["head_rows_per_token"] <= 1.0 + 1e-9
+
     # the recording is real edge traffic: frames with h_K, replies, and think time between events
     assert {t.mode for t in recorded} == {"collab", "spec", "cloud"}
     for t in recorded:

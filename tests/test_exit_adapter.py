@@ -241,6 +241,28 @@ def test_heldout_diverse_never_in_training_data():
     assert not overlap, f"held-out prompts found in training data: {sorted(overlap)[:5]}"
 
 
+def test_tree_replay_counts_the_true_path_through_the_tree():
+    """A tree that drafts the top-w_i at depth i accepts while the true token's rank is below w_i; the
+    all-ones tree is the γ chain, and widening a tree never costs tokens per round."""
+    from quantize.calibrate import ExitStats, spec_accepted_length, tree_nodes, tree_tokens_per_round
+    rank = np.array([0, 1, 0, 2, 0])
+    stats = ExitStats(confidence=np.ones(5), correct=rank == 0, lengths=[5], rank=rank)
+    # (2, 1): rounds [0 1|] -> 2 tokens, [0 2|] -> 2, [0] at the end -> 1
+    assert tree_tokens_per_round(stats, (2, 1)) == pytest.approx(5 / 3)
+    assert tree_tokens_per_round(stats, (2, 2)) == pytest.approx(5 / 3)  # [0 1|] -> 3 (with the cloud's), [2] -> 1, [0] -> 1
+    assert tree_tokens_per_round(stats, (3, 3, 3, 3, 3)) == pytest.approx(5 / 1)
+    assert tree_nodes((2, 1)) == 4 and tree_nodes((1, 1, 1, 1)) == 4 and tree_nodes((2, 2, 1, 1)) == 14
+    rng = np.random.default_rng(0)
+    rank = rng.geometric(0.5, 300) - 1
+    stats = ExitStats(confidence=np.ones(300), correct=rank == 0, lengths=[100, 200], rank=rank)
+    chain = tree_tokens_per_round(stats, (1, 1, 1, 1))
+    assert chain == pytest.approx(spec_accepted_length(stats, gamma=4))
+    assert tree_tokens_per_round(stats, (2, 1, 1, 1)) > chain
+    assert tree_tokens_per_round(stats, (2, 2, 2, 2)) > tree_tokens_per_round(stats, (2, 1, 1, 1))
+    with pytest.raises(ValueError):
+        tree_tokens_per_round(ExitStats(confidence=np.ones(5), correct=rank[:5] == 0, lengths=[5]), (2,))
+
+
 def test_confidence_stop_simulation_matches_plain_chain_at_c0():
     """c = 0 reproduces calibrate.spec_accepted_length; a high c can only shorten the rounds."""
     from quantize.calibrate import ExitStats, spec_accepted_length
@@ -446,6 +468,13 @@ def test_bench_exit_measures_a_bundle_on_the_diverse_set(demo_bundle_adapter, tm
     for x in (d, t):
         assert 0.0 <= x["agreement_top1"] <= 1.0 and 1.0 <= x["spec_mean_accepted"] <= 5.0
     assert row["diverse_confidence_stop_tokens_per_round"]["0.0"] == pytest.approx(d["spec_mean_accepted"], abs=1e-3)
+    trees = {tuple(t["widths"]): t for t in row["diverse_trees"]}
+    assert trees[(1, 1, 1, 1)]["tokens_per_round"] == pytest.approx(d["spec_mean_accepted"], abs=1e-3)
+    assert trees[(2, 2, 2, 2)]["tokens_per_round"] >= trees[(2, 1, 1, 1)]["tokens_per_round"] >= \
+        trees[(1, 1, 1, 1)]["tokens_per_round"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # tokens per round by draft tree
+    top = row["diverse_topk_agreement"]
+    assert top["1"] == pytest.approx(d["agreement_top1"], abs=1e-3) and top["8"] >= top["2"] >= top["1"]
 
 
 def test_negative_self_instruct_is_one_clear_error(tmp_path, capsys):

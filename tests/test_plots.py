@@ -45,6 +45,10 @@ def test_benchmark_figures(tmp_path):
     edge = {"threads": 2, "streams": [1, 2, 4, 8], "single": {"a": {"decode_tps": 80.0, "prompt_tps": 900.0}},
             "aggregate": {"raw": [90, 160, 260, 330], "engine": [75, 130, 210, 260], "http": [70, 120, 190, 240]}}
     assert _is_png(plots.tokens_vs_streams(edge, tmp_path / "edge.png"))
+    trees = {"diverse": {"answers": 67, "positions": 7400},
+             "diverse_trees": [{"widths": w, "nodes": n, "depth": len(w), "tokens_per_round": t}
+                               for w, n, t in (([1] * 4, 4, 1.95), ([1] * 8, 8, 2.0), ([2, 1, 1, 1], 8, 2.2))]}
+    assert _is_png(plots.draft_trees(trees, tmp_path / "trees.png"))
 
 
 def _fogline(*args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,9 @@ the cloud process's CPU-seconds per generated token (psutil, user+system), aggre
 Headline per SLO: the largest N whose p95 ITL meets it (with no errors, and p95 TTFT within
 `--ttft-slo`, 2 s by default) and each mode's ratio to
 cloud-only; plus a bound per mode, N_max ≈ cloud threads / (CPU-s per token × tokens/s of one
-session), from the same run. A mode stops climbing N once its p95 is past `--stop-factor` × the
+session), from the same run, and a compute bound: the cloud's weight multiply-accumulates per generated
+token counted from the recorded frames (`cloud_compute`), whose cloud-only/mode ratio caps that mode's
+capacity win when the cloud is compute-bound. A mode stops climbing N once its p95 is past `--stop-factor` × the
 largest SLO (rows beyond are not run). The llama-cpp-python server on the full demo GGUF is run
 beside it as the off-the-shelf reference when its [server] extra is installed.
 """
@@ -256,9 +258,50 @@ def bounds(rows: list[dict[str, Any]], threads: int) -> dict[str, dict[str, floa
     return out
 
 
+def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], tokens: int, spec: Any,
+                  split: int) -> dict[str, dict[str, float]]:
+    """The cloud's weight multiply-accumulates per generated token, per mode, counted from the traffic:
+    every h_K row the recorded edge sent runs the L−K deep blocks, and every row the cloud must score
+    (an infer's last row, every verify row, every agreement check) runs the LM head. The cloud-only
+    edge's prompt and each generated token but the last run all L blocks, and each generated token one
+    head row. When the cloud is compute-bound, cloud-only's figure over a mode's is the most that mode
+    can multiply the sessions one cloud serves (attention over the context and per-call overhead are
+    not counted, so the measured ratio can only come out lower)."""
+    from fogline.wire.protocol import Append, Infer, Verify, decode_frame
+
+    deep, head = (spec.n_layers - split) * spec.block_macs, spec.head_macs
+    out: dict[str, dict[str, float]] = {}
+    for mode, ts in traces.items():
+        rows = scored = 0
+        emitted = tokens * len(ts)  # generated (greedy, ignore_eos, max_tokens); emits can merge tokens
+        for t in ts:
+            for e in t.events:
+                if e.kind != "send":
+                    continue
+                m = decode_frame(e.data)
+                if isinstance(m, Verify):
+                    rows += m.h.rows
+                    scored += m.h.rows
+                elif isinstance(m, (Append, Infer)):
+                    rows += m.h.rows
+                    scored += int(isinstance(m, Infer)) + len(m.check or ())
+        if emitted > 0:
+            out[mode] = {"deep_rows_per_token": rows / emitted, "head_rows_per_token": scored / emitted,
+                         "macs_per_token": (rows * deep + scored * head) / emitted}
+    if prompt_ids and tokens > 0:
+        prompt = sum(map(len, prompt_ids)) / len(prompt_ids)
+        out[BASELINE] = {"deep_rows_per_token": (prompt + tokens - 1) / tokens, "head_rows_per_token": 1.0,
+                         "macs_per_token": ((prompt + tokens - 1) * spec.n_layers * spec.block_macs
+                                            + tokens * head) / tokens}
+    base = out.get(BASELINE, {}).get("macs_per_token")
+    for row in out.values():
+        row["ratio_to_cloud_only"] = base / row["macs_per_token"] if base else float("nan")
+    return out
+
+
 def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, threads: int,
                  headline: dict[str, dict[str, int]], bound: dict[str, dict[str, float]],
-                 ttft_slo: float = 0.0) -> None:
+                 ttft_slo: float = 0.0, compute: dict[str, dict[str, float]] | None = None) -> None:
     ttft = f" (and p95 TTFT <= {ttft_slo:g} ms)" if ttft_slo > 0 else ""
     print(f"\nCapacity at RTT {rtt:g} ms, cloud {threads} thread(s)")
     print("| mode | N | p50 ITL ms | p95 ITL ms | p95 TTFT ms | tok/s | cloud CPU s/tok | mismatches | errors |")
@@ -277,6 +320,10 @@ def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, thre
         ratio = f", {b['n_max'] / base_b:.2f}x cloud-only" if base_b and mode != BASELINE else ""
         print(f"bound {mode}: N_max ≈ {threads} / ({b['cpu_s_per_tok']:.4f} CPU-s/tok at N={b['at_sessions']} "
               f"x {b['tok_s_per_session']:.1f} tok/s per lone session) = {b['n_max']:.1f}{ratio}")
+    for mode, c in (compute or {}).items():
+        print(f"compute bound {mode}: {c['macs_per_token'] / 1e6:.1f}M weight MACs per token at the cloud "
+              f"({c['deep_rows_per_token']:.2f} deep rows, {c['head_rows_per_token']:.2f} LM-head rows per token)"
+              + (f", cloud-only / this = {c['ratio_to_cloud_only']:.2f}x" if mode != BASELINE else ""))
 
 
 def plot(rows: list[dict[str, Any]], slos: list[float], rtt: float, path: Path) -> Path:
@@ -403,9 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         stop(*reversed(procs))
     headline = {str(int(s)): {m: sessions_at_slo(rows, s, m, args.ttft_slo) for m in targets} for s in slos}
     bound = bounds(rows, args.threads)
-    print_report(rows, slos, args.rtt, args.threads, headline, bound, args.ttft_slo)
+    from fogline.arch import ArchSpec
+    spec = ArchSpec.from_hf_config(json.loads((bundle / "cloud" / "config.json").read_text()))
+    compute = cloud_compute({m: traces[m] for m in split_modes if m in traces},
+                            prompt_ids if BASELINE in modes else [], args.tokens, spec, manifest.split)
+    print_report(rows, slos, args.rtt, args.threads, headline, bound, args.ttft_slo, compute)
     if args.json:
-        out = {"sessions_at_slo": headline, "rows": rows, "bounds": bound,
+        out = {"sessions_at_slo": headline, "rows": rows, "bounds": bound, "compute_bound": compute,
                "config": {"rtt_ms": args.rtt, "mbit": args.mbit, "tokens": args.tokens, "prompts": args.prompts,
                           "requests": args.requests, "threads": args.threads, "ttft_slo_ms": args.ttft_slo,
                           "split": manifest.split,

@@ -46,7 +46,9 @@ def main() -> int:
         r = measure_bundle(Path(args.bundle), args.source, args.target_agreement, args.threads)
         print(format_bundle(r, args.target_agreement))
         if args.json:
+            from tools import plots
             Path(args.json).write_text(json.dumps(r, indent=1))
+            print("figure:", plots.draft_trees(r, Path(args.json).with_suffix(".png")))
         return 0
     if args.exit_adapter < 1:
         ap.error("--exit-adapter must be at least 1 (the bare head is measured alongside)")
@@ -120,6 +122,20 @@ def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gam
 
 HELDOUT_DIVERSE = REPO / "quantize" / "data" / "heldout_diverse.jsonl"
 CONF_STOPS = (0.0, 0.3, 0.5, 0.7, 0.85)
+# Draft trees replayed on the diverse set (children per node at each depth), fixed in advance, not tuned
+# on it: the γ=4, 6 and 8 chains, then trees that branch at the first one or two depths, and wider ones.
+TREES = ((1, 1, 1, 1), (1,) * 6, (1,) * 8, (2, 1, 1, 1), (3, 1, 1, 1), (2, 2, 1, 1), (4, 2, 1, 1),
+         (2, 2, 2, 2), (2, 2, 2, 1, 1, 1))
+TOPK = (1, 2, 3, 4, 8)
+
+
+def tree_rows(stats) -> list[dict]:
+    """Tokens per spec round trip for each of TREES (quantize.calibrate.tree_tokens_per_round), with what
+    each costs: nodes (h_K rows the edge computes and the cloud verifies per round) and depth (sequential
+    edge draft steps, each one batched llama.cpp decode of that depth's nodes)."""
+    from quantize.calibrate import tree_nodes, tree_tokens_per_round
+    return [{"widths": list(w), "nodes": tree_nodes(w), "depth": len(w),
+             "tokens_per_round": round(tree_tokens_per_round(stats, w), 4)} for w in TREES]
 
 
 def measure_bundle(bundle: Path, source: str, target: float, threads: int | None) -> dict:
@@ -160,6 +176,8 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
     summ = cal.summarize(stats, target)
     stops = {str(c): round(confidence_stop_tokens_per_round(stats.confidence, stats.correct, stats.lengths, c), 4)
              for c in CONF_STOPS}
+    trees = tree_rows(stats)
+    topk = {str(k): round(float((stats.rank < k).mean()), 4) for k in TOPK}
     c = m.calibration
     return {"bundle": str(bundle), "K": m.split if hasattr(m, "split") else None,
             "in_template": {k: c[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
@@ -167,7 +185,8 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
             "diverse": {k: summ[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
                                              "agreement_at_default_tau", "spec_mean_accepted", "positions",
                                              "answers")},
-            "diverse_confidence_stop_tokens_per_round": stops,
+            "diverse_confidence_stop_tokens_per_round": stops, "diverse_trees": trees,
+            "diverse_topk_agreement": topk,
             "diverse_curve": summ["curve"], "generate_seconds": round(gen_s, 1), "measure_seconds": round(meas_s, 1),
             "train_seconds": m.exit_adapter["train_seconds"], "calib_generate_seconds": c["data"]["generate_seconds"]}
 
@@ -181,6 +200,14 @@ def format_bundle(r: dict, target: float) -> str:
                      f"{x['exit_rate_at_target']:>9.1%} {x['default_tau']:>5} {x['spec_mean_accepted']:>9.2f}")
     lines.append("diverse, tokens/round trip, γ=4 chain with confidence stop c (c=0: plain chain): "
                  + ", ".join(f"c={c}: {v:.2f}" for c, v in r["diverse_confidence_stop_tokens_per_round"].items()))
+    lines.append("diverse, full model's token within the exit head's top-k: "
+                 + ", ".join(f"k={k}: {v:.1%}" for k, v in r["diverse_topk_agreement"].items()))
+    lines.append("diverse, tokens/round trip by draft tree (children per node at each depth; nodes = h_K rows "
+                 "verified per round, depth = edge draft steps):")
+    lines.append(f"  {'tree':<18} {'nodes':>5} {'depth':>5} {'tokens/round':>12}")
+    for t in r["diverse_trees"]:
+        lines.append(f"  {'(' + ','.join(map(str, t['widths'])) + ')':<18} {t['nodes']:>5} {t['depth']:>5} "
+                     f"{t['tokens_per_round']:>12.2f}")
     lines.append(f"adapter training {r['train_seconds']} s, calibration answers {r['calib_generate_seconds']} s "
                  f"(from the manifest); diverse answers {r['generate_seconds']} s, measurement {r['measure_seconds']} s")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
     latency_vs_rtt(results, path)        tools/bench_collab.py: per mode, latency against the link's RTT
     exit_calibration(rows, path, target) tools/bench_exit.py: the exit calibration curve per split
     tokens_vs_streams(result, path)      tools/bench_edge.py: aggregate tokens/s against concurrent streams
+    draft_trees(result, path)            tools/bench_exit.py --bundle: spec tokens per round trip per draft tree
 
 Drawing helpers and the calibration curve are shared with `fogline inspect --plot` (fogline/plots.py).
 """
@@ -70,5 +71,28 @@ def tokens_vs_streams(result: dict[str, Any], path: str | os.PathLike[str]) -> P
     ax.set_xticks(streams)
     ax.set_xticklabels([str(s) for s in streams])
     ax.set_ylim(bottom=0)
+    ax.legend(fontsize=9)
+    return save(fig, path)
+
+
+def draft_trees(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """bench_exit --bundle's `diverse_trees`: tokens per spec round trip against the nodes drafted (and
+    verified) per round; chains joined by a line, trees as labelled points."""
+    trees = result["diverse_trees"]
+    d = result["diverse"]
+    fig, (ax,) = figure(1, f"spec tokens per round trip by draft tree (diverse set, {d['answers']} answers, "
+                           f"{d['positions']} positions, greedy replay)")
+    chains = [t for t in trees if set(t["widths"]) == {1}]
+    ax.plot([t["nodes"] for t in chains], [t["tokens_per_round"] for t in chains], marker="o",
+            label="chain (γ = nodes)", color=COLOURS.get("spec"))
+    others = [t for t in trees if set(t["widths"]) != {1}]
+    ax.scatter([t["nodes"] for t in others], [t["tokens_per_round"] for t in others], marker="s", color="#2ca02c",
+               label="tree (children per depth)", zorder=3)
+    for i, t in enumerate(others):  # labels alternate below / above their point: neighbours do not overlap
+        ax.annotate("(" + ",".join(map(str, t["widths"])) + ")", (t["nodes"], t["tokens_per_round"]),
+                    textcoords="offset points", xytext=(4, -11 if i % 2 == 0 else 5), fontsize=8)
+    ax.set(xlabel="drafted nodes per round (h_K rows verified)", ylabel="tokens per round trip (incl. the cloud's)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=1)
     ax.legend(fontsize=9)
     return save(fig, path)
