@@ -55,7 +55,7 @@ def pctl(xs: list[float], q: float) -> float:
 # --- (a) whole model vs HF generate ------------------------------------------------------
 
 
-def part_a(args: argparse.Namespace) -> list[str]:
+def part_a(args: argparse.Namespace, report: dict) -> list[str]:
     import torch
     from transformers import AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -142,6 +142,9 @@ def part_a(args: argparse.Namespace) -> list[str]:
              f"  {'HF transformers generate (greedy)':<38} {hf_med * 1e3:>10.1f} {pctl(runs['hf'], 90) * 1e3:>8.1f} "
              f"{1.0:>14.2f}x {'-':>18}"]
     packed = "oneDNN prepacked" if not isinstance(served.lm_head, torch.nn.Linear) else "dense (no oneDNN here)"
+    report["a"] = {"model": src.description, "device": args.device, "threads": torch.get_num_threads(),
+                   "prompt_tokens": len(prompt), "new_tokens": n, "repeats": args.repeats,
+                   "hf": {"median_ms": hf_med * 1e3, "p90_ms": pctl(runs["hf"], 90) * 1e3}}
     for name, label in (("served", f"fogline DeepModel, {packed}"), ("dense", "fogline DeepModel, dense F.linear"),
                         ("fast", f"fogline DeepModel, fast_gemv (compile {compile_s:.0f} s)")):
         if not runs[name]:
@@ -149,6 +152,8 @@ def part_a(args: argparse.Namespace) -> list[str]:
                 lines.append(f"  {label:<38} unavailable (torch.compile failed)")
             continue
         med = statistics.median(runs[name])
+        report["a"][name] = {"label": label, "median_ms": med * 1e3, "p90_ms": pctl(runs[name], 90) * 1e3,
+                             "speedup_vs_hf": hf_med / med, "same_tokens_as_hf": same(name)}
         lines.append(f"  {label:<38} {med * 1e3:>10.1f} {pctl(runs[name], 90) * 1e3:>8.1f} {hf_med / med:>14.2f}x "
                      f"{same(name):>18}")
     src.close()
@@ -263,7 +268,7 @@ async def _bench_servers(ports: dict[str, int], manifest, args: argparse.Namespa
     return results
 
 
-def part_b(args: argparse.Namespace) -> list[str]:
+def part_b(args: argparse.Namespace, report: dict) -> list[str]:
     from fogline.manifest import load_manifest
 
     bundle = ensure_bundle(Path(args.bundle))
@@ -289,6 +294,13 @@ def part_b(args: argparse.Namespace) -> list[str]:
                      f"per session; median of {args.repeats}" + (", rounds interleaved" if len(servers) > 1 else ""))
         lines.append(f"  {'code':<10} {'sessions':>8} {'concurrent tok/s':>17} {'one-at-a-time tok/s':>20} "
                      f"{'ratio':>7} {'sessions/pass':>14} {'step ms (1 session)':>20}")
+        report.setdefault("b", []).append({
+            "fast_gemv": fast, "split": manifest.split, "n_layers": manifest.n_layers, "threads": args.threads,
+            "device": args.device, "prefill": args.prefill, "decode_steps": args.decode_steps, "repeats": args.repeats,
+            "servers": {name: {"repo": str(repo), "rows": [
+                {"sessions": n, "concurrent_tok_s": conc, "one_at_a_time_tok_s": seq, "ratio": conc / seq,
+                 "sessions_per_pass": per_pass, "step_ms_one_session": 1e3 / seq}
+                for n, conc, seq, per_pass in rows[name]]} for name, repo in servers.items()}})
         for name, repo in servers.items():
             for n, conc, seq, per_pass in rows[name]:
                 lines.append(f"  {name:<10} {n:>8} {conc:>17.1f} {seq:>20.1f} {conc / seq:>6.2f}x {per_pass:>14.1f} "
@@ -304,7 +316,7 @@ def part_b(args: argparse.Namespace) -> list[str]:
 # --- (c) where the bound is ---------------------------------------------------------------
 
 
-def part_c(args: argparse.Namespace) -> list[str]:
+def part_c(args: argparse.Namespace, report: dict) -> list[str]:
     import torch
     import torch.nn.functional as F
 
@@ -343,6 +355,9 @@ def part_c(args: argparse.Namespace) -> list[str]:
     n_deep = manifest.n_layers - manifest.split
     weights = n_deep * per_layer + vocab * d
     flop_tok = 2 * weights
+    report["c"] = {"device": args.device, "threads": torch.get_num_threads(), "matmul_gflops": gflops,
+                   "stream_gbps": gbps, "deep_weights": weights, "compute_bound_tok_s": gflops * 1e9 / flop_tok,
+                   "lone_step_stream_ms": weights * 4 / (gbps * 1e9) * 1e3}
     lines = [f"(c) this machine's bounds ({args.device}, {torch.get_num_threads()} thread(s)): plain {n}^3 fp32 matmul "
              f"{gflops:.0f} GFLOP/s; streaming read of 256 MiB {gbps:.0f} GB/s",
              f"  deep layers [{manifest.split}, {manifest.n_layers}) + LM head: {weights / 1e6:.1f} M weights, "
@@ -385,21 +400,29 @@ def main() -> int:
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
     ap.add_argument("--skip-c", action="store_true")
+    ap.add_argument("--json", help="also write the figures of every part run to this file")
     args = ap.parse_args()
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    out = []
+    out: list[str] = []
+    report: dict = {}
     if not args.skip_a:
-        out += part_a(args) + [""]
+        out += part_a(args, report) + [""]
     if not args.skip_b:
-        out += part_b(args) + [""]
+        out += part_b(args, report) + [""]
     if not args.skip_c:
-        out += part_c(args)
+        out += part_c(args, report)
     print("\n" + "\n".join(out))
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)")
+    if args.json:
+        import json
+
+        report["machine"] = {"cpus": os.cpu_count(), "load_1min": load[0], "load_5min": load[1]}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print("json:", args.json)
     return 0
 
 
