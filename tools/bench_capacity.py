@@ -46,6 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fogline.arch import ArchSpec  # noqa: E402
 from tools.loadgen import RecordingProxy, SessionResult, Trace, load_traces, prepare, save_traces  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
@@ -258,8 +259,8 @@ def bounds(rows: list[dict[str, Any]], threads: int) -> dict[str, dict[str, floa
     return out
 
 
-def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], tokens: int, spec: Any,
-                  split: int) -> dict[str, dict[str, float]]:
+def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], tokens: int, spec: ArchSpec,
+                  split: int) -> dict[str, dict[str, float | None]]:
     """The cloud's weight multiply-accumulates per generated token, per mode, counted from the traffic:
     every h_K row the recorded edge sent runs the L−K deep blocks, and every row the cloud must score
     (an infer's last row, every verify row, every agreement check) runs the LM head. The cloud-only
@@ -295,7 +296,7 @@ def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], t
                                             + tokens * head) / tokens}
     base = out.get(BASELINE, {}).get("macs_per_token")
     for row in out.values():
-        row["ratio_to_cloud_only"] = base / row["macs_per_token"] if base else float("nan")
+        row["ratio_to_cloud_only"] = base / row["macs_per_token"] if base else None  # no cloud-only run
     return out
 
 
@@ -323,7 +324,8 @@ def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, thre
     for mode, c in (compute or {}).items():
         print(f"compute bound {mode}: {c['macs_per_token'] / 1e6:.1f}M weight MACs per token at the cloud "
               f"({c['deep_rows_per_token']:.2f} deep rows, {c['head_rows_per_token']:.2f} LM-head rows per token)"
-              + (f", cloud-only / this = {c['ratio_to_cloud_only']:.2f}x" if mode != BASELINE else ""))
+              + (f", cloud-only / this = {c['ratio_to_cloud_only']:.2f}x"
+                 if mode != BASELINE and c["ratio_to_cloud_only"] else ""))
 
 
 def plot(rows: list[dict[str, Any]], slos: list[float], rtt: float, path: Path) -> Path:
@@ -450,7 +452,6 @@ def main(argv: list[str] | None = None) -> int:
         stop(*reversed(procs))
     headline = {str(int(s)): {m: sessions_at_slo(rows, s, m, args.ttft_slo) for m in targets} for s in slos}
     bound = bounds(rows, args.threads)
-    from fogline.arch import ArchSpec
     spec = ArchSpec.from_hf_config(json.loads((bundle / "cloud" / "config.json").read_text()))
     compute = cloud_compute({m: traces[m] for m in split_modes if m in traces},
                             prompt_ids if BASELINE in modes else [], args.tokens, spec, manifest.split)
