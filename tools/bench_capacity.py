@@ -8,7 +8,8 @@ one `python -m cloud_runtime.full_model` (the cloud-only baseline: the whole mod
 deep-model code, token ids up, tokens down), each behind its own WAN emulator subprocess
 (tools/wanem.py, RTT `--rtt`, `--mbit` per connection). The edges are simulated by
 tools/loadgen.py: real edge traffic is recorded once (a real `fogline edge serve` of the bundle
-per mode and prompt, greedy, ignore_eos; cached under out/traces/) and replayed by N concurrent
+per mode and prompt, greedy, each answer to its end or `--tokens`, whichever comes first — or all
+`--tokens` with `--ignore-eos`; cached under out/traces/) and replayed by N concurrent
 websocket clients, each reacting to the cloud's replies and sleeping the edge's recorded think
 time between frames; every reply is checked against the recording ("mismatch" column).
 
@@ -125,7 +126,7 @@ def cpu_s(proc: Any) -> float:
 
 
 def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, modes: list[str],
-                  prompts: list[str], tokens: int) -> list[Trace]:
+                  prompts: list[str], tokens: int, ignore_eos: bool = False) -> list[Trace]:
     """Real edge runs of the bundle through WAN emulator + recording proxy; one Trace per mode x prompt."""
     from openai import OpenAI
 
@@ -151,12 +152,13 @@ def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, mod
                 t0, emits, stats = time.monotonic(), [], {}
                 for ch in client.chat.completions.create(
                         model=name, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
-                        temperature=0, stream=True, extra_body={"mode": mode, "ignore_eos": True}):
+                        temperature=0, stream=True, extra_body={"mode": mode, "ignore_eos": ignore_eos}):
                     if ch.choices and ch.choices[0].delta.content:
                         emits.append(time.monotonic())
                     stats = ch.model_extra.get("fogline") or stats
                 time.sleep(0.3)  # the session's close and late replies reach the proxy
-                tr = proxy.cut(mode, prompt, t0, time.monotonic(), emits)
+                tr = proxy.cut(mode, prompt, t0, time.monotonic(), emits,
+                               int(stats.get("edge_tokens", 0)) + int(stats.get("cloud_tokens", 0)))
                 if stats.get("fallback"):
                     raise SystemExit(f"recording {mode} {prompt!r}: the edge fell back ({stats['fallback']})")
                 traces.append(tr)
@@ -167,6 +169,17 @@ def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, mod
         asyncio.run_coroutine_threadsafe(proxy.close(), loop).result()
         stop(wan)
     return traces
+
+
+def answer_lengths(traces: dict[str, list[Trace]], prompts: list[str], tokens: int) -> list[int]:
+    """Per prompt, the tokens the recorded split answer has (greedy on the same split model, so every mode's
+    is the same; the longest if not): the cloud-only baseline generates exactly as many, so both sides do
+    the same work per request. Without traces (cloud-only alone), `tokens`."""
+    out = []
+    for p in prompts:
+        made = [t.generated or tokens for ts in traces.values() for t in ts if t.prompt == p]
+        out.append(max(made, default=tokens))
+    return out
 
 
 def chat_ids(bundle: Path, prompts: list[str]) -> list[list[int]]:
@@ -183,7 +196,9 @@ def chat_ids(bundle: Path, prompts: list[str]) -> list[list[int]]:
 
 
 async def run_level(mode: str, n: int, url: str, traces: dict[str, list[Trace]], prompt_ids: list[list[int]],
-                    tokens: int, requests: int, stagger_s: float, proc: Any) -> dict[str, Any]:
+                    tokens: int, requests: int, stagger_s: float, proc: Any,
+                    lengths: list[int] | None = None) -> dict[str, Any]:
+    """N simulated edges of one mode at once; `lengths`: per prompt, the tokens cloud-only generates."""
     import aiohttp
 
     from tools.loadgen import replay_cloud_only, replay_split
@@ -194,8 +209,9 @@ async def run_level(mode: str, n: int, url: str, traces: dict[str, list[Trace]],
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         for i in range(n):
             if mode == BASELINE:
-                job = replay_cloud_only(url, [prompt_ids[(i + r) % len(prompt_ids)] for r in range(requests)],
-                                        tokens, results[i], http)
+                picks = [(i + r) % len(prompt_ids) for r in range(requests)]
+                job = replay_cloud_only(url, [prompt_ids[k] for k in picks],
+                                        [lengths[k] if lengths else tokens for k in picks], results[i], http)
             elif mode == REFERENCE:
                 job = replay_llama_server(url, [PROMPTS[(i + r) % len(prompt_ids)] for r in range(requests)],
                                           tokens, results[i], http)
@@ -259,13 +275,15 @@ def bounds(rows: list[dict[str, Any]], threads: int) -> dict[str, dict[str, floa
     return out
 
 
-def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], tokens: int, spec: ArchSpec,
+def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: dict[str, list[int]], tokens: int, spec: ArchSpec,
                   split: int) -> dict[str, dict[str, float | None]]:
     """The cloud's weight multiply-accumulates per generated token, per mode, counted from the traffic:
     every h_K row the recorded edge sent runs the L−K deep blocks, and every row the cloud must score
     (an infer's last row, every verify row, every agreement check) runs the LM head. The cloud-only
     edge's prompt and each generated token but the last run all L blocks, and each generated token one
-    head row. When the cloud is compute-bound, cloud-only's figure over a mode's is the most that mode
+    head row, for the same prompts (`prompt_ids`, by prompt text) and answer lengths. Per trace the
+    tokens are the edge's own count (`Trace.generated`; `tokens` for traces recorded before it was kept,
+    which ran ignore_eos to exactly `tokens`). When the cloud is compute-bound, cloud-only's figure over a mode's is the most that mode
     can multiply the sessions one cloud serves (attention over the context and per-call overhead are
     not counted, so the measured ratio can only come out lower)."""
     from fogline.wire.protocol import Append, Infer, Verify, decode_frame
@@ -274,7 +292,7 @@ def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], t
     out: dict[str, dict[str, float]] = {}
     for mode, ts in traces.items():
         rows = scored = 0
-        emitted = tokens * len(ts)  # generated (greedy, ignore_eos, max_tokens); emits can merge tokens
+        emitted = sum(t.generated or tokens for t in ts)  # not emits: a chunk can carry several tokens
         for t in ts:
             for e in t.events:
                 if e.kind != "send":
@@ -289,11 +307,12 @@ def cloud_compute(traces: dict[str, list[Trace]], prompt_ids: list[list[int]], t
         if emitted > 0:
             out[mode] = {"deep_rows_per_token": rows / emitted, "head_rows_per_token": scored / emitted,
                          "macs_per_token": (rows * deep + scored * head) / emitted}
-    if prompt_ids and tokens > 0:
-        prompt = sum(map(len, prompt_ids)) / len(prompt_ids)
-        out[BASELINE] = {"deep_rows_per_token": (prompt + tokens - 1) / tokens, "head_rows_per_token": 1.0,
-                         "macs_per_token": ((prompt + tokens - 1) * spec.n_layers * spec.block_macs
-                                            + tokens * head) / tokens}
+    same = next(iter(traces.values()), [])  # every mode answers the same prompts at the same lengths
+    if prompt_ids and same:
+        made = sum(t.generated or tokens for t in same)
+        base_rows = sum(len(prompt_ids[t.prompt]) + (t.generated or tokens) - 1 for t in same)
+        out[BASELINE] = {"deep_rows_per_token": base_rows / made, "head_rows_per_token": 1.0,
+                         "macs_per_token": (base_rows * spec.n_layers * spec.block_macs + made * head) / made}
     base = out.get(BASELINE, {}).get("macs_per_token")
     for row in out.values():
         row["ratio_to_cloud_only"] = base / row["macs_per_token"] if base else None  # no cloud-only run
@@ -329,23 +348,29 @@ def print_report(rows: list[dict[str, Any]], slos: list[float], rtt: float, thre
 
 
 def plot(rows: list[dict[str, Any]], slos: list[float], rtt: float, path: Path) -> Path:
+    """p95 ITL against N per mode (with the SLOs), and beside it aggregate tokens/s against N: where each
+    mode's cloud saturates."""
     from fogline.plots import COLOURS, figure, save
 
-    fig, (ax,) = figure(1, f"p95 inter-token latency vs concurrent edges (RTT {rtt:g} ms)")
+    fig, (itl, tps) = figure(2, f"concurrent edges per cloud process (RTT {rtt:g} ms)")
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["sessions"])
         style = {"ls": "--", "marker": "s"} if mode in (BASELINE, REFERENCE) else {"marker": "o"}
-        ax.plot([r["sessions"] for r in mine], [r["p95_itl_ms"] for r in mine], label=mode,
-                color=COLOURS.get(mode), **style)
+        for ax, key in ((itl, "p95_itl_ms"), (tps, "tok_s")):
+            ax.plot([r["sessions"] for r in mine], [r[key] for r in mine], label=mode, color=COLOURS.get(mode),
+                    **style)
     for slo in slos:
-        ax.axhline(slo, color="k", lw=0.8, ls=":")
-        ax.annotate(f"SLO {slo:g} ms", (1, slo), fontsize=8, va="bottom")
-    ax.set_xscale("log", base=2)
+        itl.axhline(slo, color="k", lw=0.8, ls=":")
+        itl.annotate(f"SLO {slo:g} ms", (1, slo), fontsize=8, va="bottom")
     ns = sorted({r["sessions"] for r in rows})
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_yscale("log")
-    ax.set(xlabel="concurrent edge sessions", ylabel="p95 inter-token latency (ms)")
-    ax.legend(fontsize=9)
+    for ax in (itl, tps):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+    itl.set_yscale("log")
+    itl.set(xlabel="concurrent edge sessions", ylabel="p95 inter-token latency (ms)")
+    tps.set(xlabel="concurrent edge sessions", ylabel="tokens/s, all sessions")
+    tps.set_ylim(bottom=0)
+    itl.legend(fontsize=9)
     return save(fig, path)
 
 
@@ -361,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt", type=float, default=20.0)
     ap.add_argument("--mbit", type=float, default=20.0, help="per-connection bandwidth cap of the emulated link")
     ap.add_argument("--slo", default="150,300", help="p95 ITL SLOs in ms")
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=48, help="most tokens per answer")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every answer runs all --tokens, past its end (default: answers end at end-of-generation)")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1, help="requests each simulated edge sends, back to back")
     ap.add_argument("--stagger", type=float, default=0.5, help="seconds over which the N edges start")
@@ -394,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = PROMPTS[:args.prompts]
     trace_path = Path(args.traces or REPO / "out" / "traces" /
                       f"capacity-{manifest.fingerprint[:12]}-k{manifest.split}-t{args.tokens}-p{args.prompts}"
-                      f"-rtt{args.rtt:g}.msgpack")
+                      f"-rtt{args.rtt:g}{'-noeos' if args.ignore_eos else '-eos'}.msgpack")
     split_modes = [m for m in modes if m in SPLIT_MODES]
     cport, fport = _port(), _port()
     procs: list[subprocess.Popen | None] = []
@@ -409,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
                 loaded, meta = load_traces(trace_path)
                 print(f"traces: {trace_path} (recorded {meta.get('recorded')})")
             else:
-                loaded = record_traces(bundle, cport, args.rtt, args.mbit, list(SPLIT_MODES), prompts, args.tokens)
+                loaded = record_traces(bundle, cport, args.rtt, args.mbit, list(SPLIT_MODES), prompts, args.tokens,
+                                       args.ignore_eos)
                 save_traces(trace_path, loaded, {"recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                  "bundle": str(bundle), "rtt_ms": args.rtt,
-                                                 "tokens": args.tokens})
+                                                 "tokens": args.tokens, "ignore_eos": args.ignore_eos})
                 print(f"traces: recorded to {trace_path}")
             for t in loaded:
                 traces.setdefault(t.mode, []).append(t)
@@ -422,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                                "--threads", str(args.threads)], fport, "full", repo=cloud_repo)
             procs.append(full)
         prompt_ids = chat_ids(bundle, prompts)
+        lengths = answer_lengths(traces, prompts, args.tokens)
         cwan, cwport = start_wanem(cport, args.rtt, args.mbit)
         procs.append(cwan)
         fwan, fwport = start_wanem(fport, args.rtt, args.mbit) if full else (None, 0)
@@ -439,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             url, proc = targets[mode]
             for n in ns:
                 row = asyncio.run(run_level(mode, n, url, traces, prompt_ids, args.tokens, args.requests,
-                                            args.stagger, proc))
+                                            args.stagger, proc, lengths))
                 rows.append(row)
                 print(f"{mode:16s} N={n:3d}: p50 {row['p50_itl_ms']:7.1f} ms  p95 {row['p95_itl_ms']:7.1f} ms  "
                       f"{row['tok_s']:6.1f} tok/s  {row['cloud_cpu_s_per_tok']:.4f} CPU-s/tok  "
@@ -454,12 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     bound = bounds(rows, args.threads)
     spec = ArchSpec.from_hf_config(json.loads((bundle / "cloud" / "config.json").read_text()))
     compute = cloud_compute({m: traces[m] for m in split_modes if m in traces},
-                            prompt_ids if BASELINE in modes else [], args.tokens, spec, manifest.split)
+                            dict(zip(prompts, prompt_ids)) if BASELINE in modes else {}, args.tokens, spec,
+                            manifest.split)
     print_report(rows, slos, args.rtt, args.threads, headline, bound, args.ttft_slo, compute)
     if args.json:
         out = {"sessions_at_slo": headline, "rows": rows, "bounds": bound, "compute_bound": compute,
                "config": {"rtt_ms": args.rtt, "mbit": args.mbit, "tokens": args.tokens, "prompts": args.prompts,
                           "requests": args.requests, "threads": args.threads, "ttft_slo_ms": args.ttft_slo,
+                          "ignore_eos": args.ignore_eos,
                           "split": manifest.split,
                           "sessions": ns, "traces": str(trace_path), "cloud_repo": str(cloud_repo)}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

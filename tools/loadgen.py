@@ -3,7 +3,7 @@
 Recording (`record_traces`): a real `fogline cloud serve`, a WanEmulator in front of it, and a
 real `fogline edge serve` whose cloud URL is a `RecordingProxy` (a websocket-level tap on the
 edge's side of the link). For each mode and chat prompt the bench sends one streaming chat
-request (greedy, ignore_eos); the proxy stamps every frame the edge sends and every reply it
+request (greedy; to the end of the answer, or `ignore_eos` for a fixed length); the proxy stamps every frame the edge sends and every reply it
 receives, and the streaming client stamps every token the edge emits, all on this process's
 monotonic clock. A `Trace` is that request's event list — `send` (the frame's bytes), `recv`
 (the reply's id and its recorded token / accepted / length), `emit` (one token reached the
@@ -54,19 +54,21 @@ class Trace:
     prompt: str
     hello: bytes
     events: list[Event]
+    generated: int = 0  # tokens the edge generated (its reply's stats); emits can merge tokens into one chunk
 
     @property
     def tokens(self) -> int:
         return sum(e.kind == "emit" for e in self.events)
 
     def to_obj(self) -> dict[str, Any]:
-        return {"mode": self.mode, "prompt": self.prompt, "hello": self.hello,
+        return {"mode": self.mode, "prompt": self.prompt, "hello": self.hello, "generated": self.generated,
                 "events": [[e.kind, e.dt, e.data, e.id, e.reply] for e in self.events]}
 
     @classmethod
     def from_obj(cls, o: dict[str, Any]) -> "Trace":
         return cls(o["mode"], o["prompt"], o["hello"],
-                   [Event(k, float(dt), d, int(i), dict(r)) for k, dt, d, i, r in o["events"]])
+                   [Event(k, float(dt), d, int(i), dict(r)) for k, dt, d, i, r in o["events"]],
+                   int(o.get("generated", 0)))
 
 
 def save_traces(path: Path, traces: list[Trace], meta: dict[str, Any]) -> None:
@@ -138,7 +140,7 @@ class RecordingProxy:
         await down.close()
         return down
 
-    def cut(self, mode: str, prompt: str, t0: float, t1: float, emits: list[float]) -> Trace:
+    def cut(self, mode: str, prompt: str, t0: float, t1: float, emits: list[float], generated: int = 0) -> Trace:
         """The frames of the one session that ran in [t0, t1], merged with the token stamps."""
         ups = [(t, msgpack.unpackb(d, raw=False), d) for t, w, d in self.log if w == "up" and t0 <= t <= t1]
         sessions = {m.get("session") for _, m, _ in ups} - {None}
@@ -158,7 +160,7 @@ class RecordingProxy:
         for t, e in raw:
             e.dt, prev = max(0.0, t - prev), t
             events.append(e)
-        return Trace(mode, prompt, self.hello, events)
+        return Trace(mode, prompt, self.hello, events, generated)
 
 
 # --- replay ---------------------------------------------------------------------------------
@@ -281,14 +283,15 @@ async def _replay_one(ws: Any, events: list[Event], pending: dict[int, asyncio.F
     return True
 
 
-async def replay_cloud_only(url: str, prompts: list[list[int]], max_tokens: int, out: SessionResult,
+async def replay_cloud_only(url: str, prompts: list[list[int]], max_tokens: list[int], out: SessionResult,
                             http: aiohttp.ClientSession) -> None:
-    """The cloud-only edge: token ids up, the whole model's tokens streamed down, one socket."""
+    """The cloud-only edge: token ids up, the whole model's tokens streamed down, one socket; request i makes
+    exactly max_tokens[i] tokens (the split's answer length for that prompt: the same work per request)."""
     async with http.ws_connect(url, compress=0) as ws:
-        for ids in prompts:
+        for ids, n in zip(prompts, max_tokens, strict=True):
             stamps: list[float] = [time.monotonic()]
             out.runs.append(stamps)
-            await ws.send_str(json.dumps({"prompt": ids, "max_tokens": max_tokens}))
+            await ws.send_str(json.dumps({"prompt": ids, "max_tokens": n}))
             while True:
                 msg = json.loads((await ws.receive(timeout=600)).data)
                 if "error" in msg:
