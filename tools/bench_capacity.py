@@ -33,12 +33,10 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fogline.arch import ArchSpec  # noqa: E402
+from tools.procs import free_port as _port, repo_env as _env, start_http as _start_http, stop  # noqa: E402
 from tools.loadgen import RecordingProxy, SessionResult, Trace, load_traces, prepare, save_traces  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
@@ -60,36 +59,10 @@ REFERENCE = "llama.cpp server"
 # --- processes ------------------------------------------------------------------------------
 
 
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def _env(repo: Path = REPO) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def start_http(argv: list[str], port: int, name: str, health: str = "/health",
                timeout_s: float = 240.0, repo: Path = REPO) -> subprocess.Popen:
-    """`python argv...` (run from `repo`) logging to /tmp/bench_capacity_{name}.log; returns once
-    `health` answers."""
-    log_path = f"/tmp/bench_capacity_{name}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT,
-                                env=_env(repo), cwd=repo)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}{health}", timeout=1)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(f"the {name} server did not come up; see {log_path}")
-            time.sleep(0.2)
+    """tools.procs.start_http, logging to /tmp/bench_capacity_{name}.log."""
+    return _start_http(argv, port, f"/tmp/bench_capacity_{name}.log", health=health, timeout_s=timeout_s, repo=repo)
 
 
 def start_wanem(upstream: int, rtt_ms: float, mbit: float) -> tuple[subprocess.Popen, int]:
@@ -104,17 +77,6 @@ def start_wanem(upstream: int, rtt_ms: float, mbit: float) -> tuple[subprocess.P
         proc.kill()
         raise SystemExit(f"wanem did not start: {line}{proc.stdout.read()}")
     return proc, port
-
-
-def stop(*procs: subprocess.Popen | None) -> None:
-    for p in procs:
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def cpu_s(proc: Any) -> float:

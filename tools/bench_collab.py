@@ -36,9 +36,7 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -50,32 +48,6 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Ho
            "Explain photosynthesis to a child.", "List three uses of a paperclip.", "Tell me a joke about computers."]
 MODES = ("edge", "collab", "spec", "cloud")
 BASELINES = ("cloud-only", "naive split")
-
-
-def _start_server(argv: list[str], port: int, name: str, env: dict[str, str],
-                  timeout_s: float = 180.0) -> subprocess.Popen:
-    """Start `python argv...` logging to /tmp/bench_collab_{name}.log; return once /health answers."""
-    log_path = f"/tmp/bench_collab_{name}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(f"the {name} server did not come up; see {log_path}")
-            time.sleep(0.2)
-
-
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _metric(port: int, name: str) -> float:
@@ -103,16 +75,19 @@ def main() -> int:
 
     from tests.edge_server_util import start_edge_server
     from tools import plots
+    from tools.procs import free_port, start_http
     from tools.wanem import LinkShape, WanEmulator
 
     bundle = Path(args.bundle)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cport, fport = _port(), _port()
-    cloud = _start_server(["-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"),
-                           "--port", str(cport), "--threads", "1"], cport, "cloud", env)
+    cport, fport = free_port(), free_port()
+    cloud = start_http(["-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"),
+                        "--port", str(cport), "--threads", "1"], cport, "/tmp/bench_collab_cloud.log", env=env,
+                       timeout_s=180.0)
     cproc = psutil.Process(cloud.pid)
-    full = _start_server(["-m", "cloud_runtime.full_model", "--source", args.source,
-                          "--port", str(fport), "--threads", "1"], fport, "full", env)
+    full = start_http(["-m", "cloud_runtime.full_model", "--source", args.source,
+                       "--port", str(fport), "--threads", "1"], fport, "/tmp/bench_collab_full.log", env=env,
+                      timeout_s=180.0)
     fproc = psutil.Process(full.pid)
     from transformers import AutoTokenizer
 
