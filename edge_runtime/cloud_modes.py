@@ -62,6 +62,13 @@ the engine produced them.
   on a slow link a longer block keeps the edge busy for one round trip, on a fast link or a
   poor exit head short blocks waste less. The pipelined next block is capped at γ too.
 
+  Confidence stop (`spec_stop` c, default 0): a position whose exit confidence is below c is
+  not drafted; the block so far goes to the cloud (an empty block: the cloud picks the token,
+  one row), and a pipelined block ends there. A rejected draft costs the cloud a deep-layer and an
+  LM-head row for nothing, so c trades tokens per round trip for cloud rows per token
+  (`python tools/bench_exit.py --bundle DIR` replays both per c). Exactness is unchanged: whether
+  a position is drafted depends only on the drafts before it.
+
 Supervision: every coroutine a source puts on the loop (infer, verify, lazy append, close)
 runs inside `_CloudSource._guarded`, and each whole exchange — waiting for the request's lock
 included — runs under `cloud_deadline_ms`. So none can vanish or park its request:
@@ -153,12 +160,14 @@ class CloudBridge:
 
     def __init__(self, link: CloudLink, loop: asyncio.AbstractEventLoop, *, deadline_s: float,
                  history_limit: int, tau: float, spec_gamma: int, ping_s: float = 2.0,
-                 check_share: float = 0.25, on_fallback: Callable[[str, str], None] | None = None) -> None:
+                 check_share: float = 0.25, on_fallback: Callable[[str, str], None] | None = None,
+                 spec_stop: float = 0.0) -> None:
         self.link, self.loop = link, loop
         self.deadline_s = deadline_s or None
         self.history_limit = history_limit
         self.tau, self.spec_gamma, self.ping_s = tau, spec_gamma, ping_s
         self.check_share = check_share  # collab: share of edge-emitted tokens the cloud checks
+        self.spec_stop = spec_stop  # spec: no draft where the exit head's confidence is below this
         self.on_fallback = on_fallback
         self.rtt_s: float | None = None  # EMA of ping round trips
         # spec verdicts, discounted: accepted drafts and verdicts that rejected one (auto's acceptance)
@@ -623,14 +632,15 @@ class SpecSource(_CloudSource):
             self._append_lazy(step, st, self._rows(step, st, P - 1))
         remaining = self._remaining(step) - held
         eog_held = held > 0 and step.tokens[-1] in self._eog
+        sure = choice.confidence >= self.bridge.spec_stop  # below the stop: the cloud decides this position
         if not st.inflight:
-            if held < st.gamma and remaining > 1 and not eog_held:
+            if held < st.gamma and remaining > 1 and not eog_held and sure:
                 return self._draft(step, st, choice)
             self._verify(step, st)
             st.inflight = True
         if st.seeded:
             return None  # reproducible schedule: no block drafted while a verdict is in flight
-        if held - st.block_len < st.gamma and remaining > 1 and not eog_held:
+        if held - st.block_len < st.gamma and remaining > 1 and not eog_held and sure:
             return self._draft(step, st, choice)  # pipelined: the next block, assuming acceptance
         return None  # park until the verdict
 
@@ -694,8 +704,8 @@ class SpecSource(_CloudSource):
                 st.inflight = False
                 st.recorded = min(st.recorded, res.length)
                 if not st.seeded:
-                    st.gamma = (min(gamma_max, st.gamma + 1) if res.accepted == len(draft)
-                                else max(1, res.accepted + 1))
+                    st.gamma = (min(gamma_max, st.gamma + 1) if draft and res.accepted == len(draft)
+                                else max(1, res.accepted + 1) if draft else st.gamma)  # an empty block says nothing
 
             lps, tops = res.logprobs, res.top_logprobs
             cloud_lp = None  # the cloud's own (logprob, top) of each settled token; null if it sent none

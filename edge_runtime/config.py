@@ -97,6 +97,10 @@ class EdgeConfig:
     tau: float = 0.9
     # Spec mode: initial draft block length (adapted per request within [1, 2*spec_gamma]).
     spec_gamma: int = 4
+    # Spec mode: draft a token only when the exit head's max probability is at least this; a
+    # block ends at the first unsure position (0: always draft, the plain chain). Fewer rejected
+    # drafts cost the cloud fewer rows per token, at fewer tokens per round trip.
+    spec_stop: float = 0.0
     # Collab: share of the edge-emitted tokens the cloud checks against the deep model's greedy
     # token (one extra head row each, no extra round trip): the live agreement `auto` learns from.
     collab_check_share: float = 0.25
@@ -190,6 +194,7 @@ def _validate(cfg: EdgeConfig) -> None:
     need(16 <= cfg.replay_history_tokens <= 1 << 20, "replay_history_tokens", "must be in 16..1048576")
     need(0.0 <= cfg.tau <= 1.0, "tau", "must be in 0..1")
     need(1 <= cfg.spec_gamma <= 32, "spec_gamma", "must be in 1..32")
+    need(0.0 <= cfg.spec_stop <= 1.0, "spec_stop", "must be in 0..1")
     need(0.0 <= cfg.collab_check_share <= 1.0, "collab_check_share", "must be in 0..1")
     need(0.05 <= cfg.cloud_ping_s <= 3600, "cloud_ping_s", "must be in 0.05..3600")
     need(0 < cfg.slo_ms <= 3_600_000, "slo_ms", "must be in (0, 3600000] ms/token")

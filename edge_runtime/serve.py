@@ -25,7 +25,7 @@ _FLAGS: dict[str, str] = {
     "model_name": "model_name", "strict_model_name": "strict_model_name", "mode": "default_mode",
     "capture_hidden": "capture_hidden", "verify_bundle": "verify_bundle", "log_level": "log_level",
     "cloud_url": "cloud_url", "cloud_token": "cloud_token", "cloud_codec": "cloud_codec",
-    "cloud_deadline_ms": "cloud_deadline_ms", "tau": "tau", "spec_gamma": "spec_gamma",
+    "cloud_deadline_ms": "cloud_deadline_ms", "tau": "tau", "spec_gamma": "spec_gamma", "spec_stop": "spec_stop",
 }
 
 
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tau", type=float,
                    help="collab confidence threshold when neither the request nor the bundle gives one (default 0.9)")
     g.add_argument("--spec-gamma", type=int, help="spec mode: initial draft block length (default 4)")
+    g.add_argument("--spec-stop", type=float,
+                   help="spec mode: draft only while the exit head's confidence is at least this (default 0: always)")
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:

@@ -155,7 +155,7 @@ def _start_bridge(cfg: EdgeConfig, rt: EdgeRuntime, m: EdgeMetrics, loop: asynci
                      connect_timeout=max(1.0, min(10.0, deadline or 10.0)),
                      request_timeout=max(1.0, deadline) if deadline else 120.0)
     bridge = CloudBridge(link, loop, deadline_s=deadline, history_limit=cfg.replay_history_tokens,
-                         tau=float(tau), spec_gamma=cfg.spec_gamma, ping_s=cfg.cloud_ping_s,
+                         tau=float(tau), spec_gamma=cfg.spec_gamma, spec_stop=cfg.spec_stop, ping_s=cfg.cloud_ping_s,
                          check_share=cfg.collab_check_share)
     register_cloud_modes(rt.engine, bridge)
     m.watch_cloud(bridge)

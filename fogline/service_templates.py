@@ -271,6 +271,9 @@ bundle = "/var/lib/fogline/bundle/edge"
 #tau = 0.9
 # spec: initial draft block length.
 #spec_gamma = 4
+# spec: draft only while the exit's confidence >= this (0: always; higher: fewer cloud rows per
+# token, fewer tokens per round trip).
+#spec_stop = 0.0
 # collab: share of the edge's own tokens the cloud checks against the full model (the live
 # agreement the auto policy learns from; one extra head row each on the cloud).
 #collab_check_share = 0.25

@@ -113,6 +113,9 @@ def test_cloud_flags_win_over_env_and_toml(bundle_dir, tmp_path, monkeypatch):
         config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--tau", "1.5"]))
     with pytest.raises(ConfigError, match="^spec_gamma:"):
         config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--spec-gamma", "0"]))
+    assert config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--spec-stop", "0.5"])).spec_stop == 0.5
+    with pytest.raises(ConfigError, match="^spec_stop:"):
+        config_from_args(p.parse_args(["--bundle", str(bundle_dir), "--spec-stop", "1.5"]))
 
 
 def _serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

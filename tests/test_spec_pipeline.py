@@ -107,17 +107,25 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
 
 
 @pytest.fixture(scope="module")
-def linked_edge(demo_bundle_adapter, verdict_log, tmp_path_factory):
+def pipeline_cloud(demo_bundle_adapter, verdict_log) -> Iterator[InProcessCloud]:
     cloud = InProcessCloud(demo_bundle_adapter, verdict_log)
     cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.stop()
+
+
+@pytest.fixture(scope="module")
+def linked_edge(demo_bundle_adapter, pipeline_cloud, tmp_path_factory):
     srv = start_edge_server(demo_bundle_adapter / "edge", tmp_path_factory.mktemp("spec-pipe") / "edge.log",
-                            env=edge_env(f"ws://127.0.0.1:{cloud.port}/ws", FOGLINE_EDGE_CLOUD_DEADLINE_MS="90000"))
+                            env=edge_env(f"ws://127.0.0.1:{pipeline_cloud.port}/ws",
+                                         FOGLINE_EDGE_CLOUD_DEADLINE_MS="90000"))
     try:
         wait_cloud_connected(srv)
         yield srv
     finally:
         srv.stop()
-        cloud.stop()
 
 
 def _complete(edge, mode: str) -> tuple[str, dict]:
@@ -150,3 +158,37 @@ def test_pipelined_block_kept_and_rolled_back_matches_cloud_mode(linked_edge, ve
     assert stats["cloud_round_trips"] == len(verdict_log.verdicts)
     assert stats["edge_tokens"] + stats["cloud_tokens"] == N_TOKENS and stats["edge_tokens"] > 0
     assert text == reference
+
+
+@pytest.fixture(scope="module")
+def stopped_edges(demo_bundle_adapter, pipeline_cloud, tmp_path_factory):
+    """Two more edges on the same in-process cloud: spec_stop 1.0 (never sure: no drafts) and 0.5."""
+    cloud_url = f"ws://127.0.0.1:{pipeline_cloud.port}/ws"
+    edges = {}
+    try:
+        for stop in ("1.0", "0.5"):
+            edges[stop] = start_edge_server(
+                demo_bundle_adapter / "edge", tmp_path_factory.mktemp(f"spec-stop-{stop}") / "edge.log",
+                env=edge_env(cloud_url, FOGLINE_EDGE_CLOUD_DEADLINE_MS="90000", FOGLINE_EDGE_SPEC_STOP=stop))
+            wait_cloud_connected(edges[stop])
+        yield edges
+    finally:
+        for srv in edges.values():
+            srv.stop()
+
+
+@pytest.mark.slow
+def test_spec_confidence_stop(linked_edge, stopped_edges):
+    """spec_stop: a position the exit head is unsure of is not drafted. At 1.0 nothing is, so every
+    token is the cloud's, one empty block per round trip, and the text is cloud mode's; at 0.5 the
+    text is still exactly cloud mode's (greedy), with fewer rejected drafts than drafts."""
+    reference, _ = _complete(linked_edge, "cloud")
+    text, stats = _complete(stopped_edges["1.0"], "spec")
+    assert stats["mode"] == "spec" and stats["fallback"] is None, stats
+    assert text == reference
+    assert stats["edge_tokens"] == 0 and stats["cloud_tokens"] == N_TOKENS, stats
+    assert stats["spec"]["drafted"] == 0 and stats["cloud_round_trips"] >= N_TOKENS - 1, stats
+    text, stats = _complete(stopped_edges["0.5"], "spec")
+    assert stats["fallback"] is None and text == reference, stats
+    s = stats["spec"]
+    assert 0 < s["accepted"] <= s["drafted"] and stats["edge_tokens"] == s["accepted"], stats

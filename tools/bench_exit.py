@@ -99,25 +99,34 @@ def main() -> int:
     return 0
 
 
-def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gamma: int = 4) -> float:
-    """Tokens per spec round trip when drafting stops early once the exit head's max prob < `c` (max `gamma`).
-
-    Simulated from one teacher-forced run (per-position confidence + match): a draft below `c` is not
-    sent, so the round ends with the cloud's token at that position; c = 0 is the plain γ chain.
+def confidence_stop_replay(confidence, correct, lengths, c: float, gamma: int = 4) -> dict[str, float]:
+    """Greedy spec with a confidence stop (edge_runtime's `spec_stop`), replayed from one teacher-forced
+    run (per-position confidence + match): a block drafts while the exit head's max prob ≥ `c`, at most
+    `gamma`; an empty block is the cloud picking the token. Returns tokens per round trip and the rows
+    the cloud runs per kept token (each round: its drafts, accepted or not, plus the row before them).
+    c = 0 is the plain γ chain.
     """
-    tokens = rounds = off = 0
+    tokens = rounds = rows = off = 0
     for n in lengths:
         conf, match = confidence[off: off + n], correct[off: off + n]
         off += n
         p = 0
         while p < n:
+            d = 0
+            while d < gamma and p + d < n and conf[p + d] >= c:
+                d += 1
             a = 0
-            while a < gamma and p + a < n and conf[p + a] >= c and match[p + a]:
+            while a < d and match[p + a]:
                 a += 1
             tokens += min(a + 1, n - p)
             rounds += 1
+            rows += d + 1
             p += a + 1
-    return tokens / max(1, rounds)
+    return {"tokens_per_round": tokens / max(1, rounds), "cloud_rows_per_token": rows / max(1, tokens)}
+
+
+def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gamma: int = 4) -> float:
+    return confidence_stop_replay(confidence, correct, lengths, c, gamma)["tokens_per_round"]
 
 
 HELDOUT_DIVERSE = REPO / "quantize" / "data" / "heldout_diverse.jsonl"
@@ -174,8 +183,9 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
     finally:
         src.close()
     summ = cal.summarize(stats, target)
-    stops = {str(c): round(confidence_stop_tokens_per_round(stats.confidence, stats.correct, stats.lengths, c), 4)
-             for c in CONF_STOPS}
+    replays = {str(c): confidence_stop_replay(stats.confidence, stats.correct, stats.lengths, c) for c in CONF_STOPS}
+    stops = {c: round(r["tokens_per_round"], 4) for c, r in replays.items()}
+    stop_rows = {c: round(r["cloud_rows_per_token"], 4) for c, r in replays.items()}
     trees = tree_rows(stats)
     topk = {str(k): round(float((stats.rank < k).mean()), 4) for k in TOPK}
     c = m.calibration
@@ -185,7 +195,8 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
             "diverse": {k: summ[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
                                              "agreement_at_default_tau", "spec_mean_accepted", "positions",
                                              "answers")},
-            "diverse_confidence_stop_tokens_per_round": stops, "diverse_trees": trees,
+            "diverse_confidence_stop_tokens_per_round": stops, "diverse_confidence_stop_cloud_rows_per_token": stop_rows,
+            "diverse_trees": trees,
             "diverse_topk_agreement": topk,
             "diverse_curve": summ["curve"], "generate_seconds": round(gen_s, 1), "measure_seconds": round(meas_s, 1),
             "train_seconds": m.exit_adapter["train_seconds"], "calib_generate_seconds": c["data"]["generate_seconds"]}
@@ -198,8 +209,10 @@ def format_bundle(r: dict, target: float) -> str:
     for name, x in (("in-template", t), ("diverse", d)):
         lines.append(f"{name:<12} {x['answers']:>7} {x['positions']:>9} {x['agreement_top1']:>7.1%} "
                      f"{x['exit_rate_at_target']:>9.1%} {x['default_tau']:>5} {x['spec_mean_accepted']:>9.2f}")
-    lines.append("diverse, tokens/round trip, γ=4 chain with confidence stop c (c=0: plain chain): "
-                 + ", ".join(f"c={c}: {v:.2f}" for c, v in r["diverse_confidence_stop_tokens_per_round"].items()))
+    lines.append("diverse, γ=4 chain with confidence stop c (c=0: plain chain), tokens/round trip and cloud rows "
+                 "per kept token: " + ", ".join(
+                     f"c={c}: {v:.2f} / {r['diverse_confidence_stop_cloud_rows_per_token'][c]:.2f}"
+                     for c, v in r["diverse_confidence_stop_tokens_per_round"].items()))
     lines.append("diverse, full model's token within the exit head's top-k: "
                  + ", ".join(f"k={k}: {v:.1%}" for k, v in r["diverse_topk_agreement"].items()))
     lines.append("diverse, tokens/round trip by draft tree (children per node at each depth; nodes = h_K rows "
