@@ -88,7 +88,7 @@ def cpu_s(proc: Any) -> float:
 
 
 def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, modes: list[str],
-                  prompts: list[str], tokens: int, ignore_eos: bool = False) -> list[Trace]:
+                  prompts: list[str], tokens: int, ignore_eos: bool = False, spec_stop: float = 0.0) -> list[Trace]:
     """Real edge runs of the bundle through WAN emulator + recording proxy; one Trace per mode x prompt."""
     from openai import OpenAI
 
@@ -99,7 +99,7 @@ def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, mod
     threading.Thread(target=loop.run_forever, daemon=True).start()
     proxy = asyncio.run_coroutine_threadsafe(RecordingProxy(f"ws://127.0.0.1:{wport}/ws").start(), loop).result()
     env = dict(_env(), FOGLINE_EDGE_CLOUD_URL=proxy.url, FOGLINE_EDGE_THREADS="1",
-               FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000")
+               FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000", FOGLINE_EDGE_SPEC_STOP=str(spec_stop))
     edge = start_edge_server(bundle / "edge", Path("/tmp/bench_capacity_edge.log"), env=env)
     traces: list[Trace] = []
     try:
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbit", type=float, default=20.0, help="per-connection bandwidth cap of the emulated link")
     ap.add_argument("--slo", default="150,300", help="p95 ITL SLOs in ms")
     ap.add_argument("--tokens", type=int, default=48, help="most tokens per answer")
+    ap.add_argument("--spec-stop", type=float, default=0.0,
+                    help="the recorded edge's spec confidence stop (edge config spec_stop; default 0: plain chain)")
     ap.add_argument("--ignore-eos", action="store_true",
                     help="every answer runs all --tokens, past its end (default: answers end at end-of-generation)")
     ap.add_argument("--prompts", type=int, default=3)
@@ -383,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = PROMPTS[:args.prompts]
     trace_path = Path(args.traces or REPO / "out" / "traces" /
                       f"capacity-{manifest.fingerprint[:12]}-k{manifest.split}-t{args.tokens}-p{args.prompts}"
-                      f"-rtt{args.rtt:g}{'-noeos' if args.ignore_eos else '-eos'}.msgpack")
+                      f"-rtt{args.rtt:g}{'-noeos' if args.ignore_eos else '-eos'}"
+                      f"{f'-stop{args.spec_stop:g}' if args.spec_stop else ''}.msgpack")
     split_modes = [m for m in modes if m in SPLIT_MODES]
     cport, fport = _port(), _port()
     procs: list[subprocess.Popen | None] = []
@@ -399,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"traces: {trace_path} (recorded {meta.get('recorded')})")
             else:
                 loaded = record_traces(bundle, cport, args.rtt, args.mbit, list(SPLIT_MODES), prompts, args.tokens,
-                                       args.ignore_eos)
+                                       args.ignore_eos, args.spec_stop)
                 save_traces(trace_path, loaded, {"recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                  "bundle": str(bundle), "rtt_ms": args.rtt,
-                                                 "tokens": args.tokens, "ignore_eos": args.ignore_eos})
+                                                 "tokens": args.tokens, "ignore_eos": args.ignore_eos,
+                                                 "spec_stop": args.spec_stop})
                 print(f"traces: recorded to {trace_path}")
             for t in loaded:
                 traces.setdefault(t.mode, []).append(t)
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"sessions_at_slo": headline, "rows": rows, "bounds": bound, "compute_bound": compute,
                "config": {"rtt_ms": args.rtt, "mbit": args.mbit, "tokens": args.tokens, "prompts": args.prompts,
                           "requests": args.requests, "threads": args.threads, "ttft_slo_ms": args.ttft_slo,
-                          "ignore_eos": args.ignore_eos,
+                          "ignore_eos": args.ignore_eos, "spec_stop": args.spec_stop,
                           "split": manifest.split,
                           "sessions": ns, "traces": str(trace_path), "cloud_repo": str(cloud_repo)}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--timeline", default=None,
                     help="write the per-event timeline of the first spec request per RTT (JSON) here")
     ap.add_argument("--source", default="demo", help="the bundle's source model, for the cloud-only baseline")
+    ap.add_argument("--spec-stop", type=float, default=None,
+                    help="the edge's spec confidence stop (edge config spec_stop; default: the edge's default)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     import psutil
@@ -106,6 +108,8 @@ def main() -> int:
                 WanEmulator(("127.0.0.1", cport), LinkShape(delay_ms=rtt / 2, mbit=args.mbit)).start(), loop).result()
             eenv = dict(env, FOGLINE_EDGE_CLOUD_URL=f"ws://127.0.0.1:{wan.port}/ws", FOGLINE_EDGE_THREADS="1",
                         FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000")
+            if args.spec_stop is not None:
+                eenv["FOGLINE_EDGE_SPEC_STOP"] = str(args.spec_stop)
             edge = start_edge_server(bundle / "edge", Path("/tmp/bench_collab_edge.log"), env=eenv)
             try:
                 for _ in range(300):
