@@ -703,9 +703,9 @@ class SpecSource(_CloudSource):
             def applied() -> None:  # engine thread, after the engine applied the verdict
                 st.inflight = False
                 st.recorded = min(st.recorded, res.length)
-                if not st.seeded:
-                    st.gamma = (min(gamma_max, st.gamma + 1) if draft and res.accepted == len(draft)
-                                else max(1, res.accepted + 1) if draft else st.gamma)  # an empty block says nothing
+                if not st.seeded and draft:  # an empty block (nothing sure enough to draft) says nothing of γ
+                    st.gamma = (min(gamma_max, st.gamma + 1) if res.accepted == len(draft)
+                                else max(1, res.accepted + 1))
 
             lps, tops = res.logprobs, res.top_logprobs
             cloud_lp = None  # the cloud's own (logprob, top) of each settled token; null if it sent none

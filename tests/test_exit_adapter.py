@@ -274,6 +274,17 @@ def test_confidence_stop_simulation_matches_plain_chain_at_c0():
     plain = spec_accepted_length(ExitStats(confidence=conf, correct=correct, lengths=lengths), gamma=4)
     assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.0) == pytest.approx(plain)
     assert confidence_stop_tokens_per_round(conf, correct, lengths, 0.9) < plain
+    # the cloud's rows per kept token: every drafted row costs, accepted or not
+    from tools.bench_exit import confidence_stop_replay
+    sure, ten = np.ones(10), [10]
+    assert confidence_stop_replay(sure, np.ones(10, bool), ten, 0.5) == {"tokens_per_round": 5.0,
+                                                                        "cloud_rows_per_token": 1.0}
+    # all wrong: 4 drafts + 1 row per token, fewer in the last rounds (no drafts past the answer's end)
+    assert confidence_stop_replay(sure, np.zeros(10, bool), ten, 0.5)["cloud_rows_per_token"] == \
+        pytest.approx((7 * 5 + 4 + 3 + 2) / 10)
+    assert confidence_stop_replay(np.zeros(10), np.zeros(10, bool), ten, 0.5)["cloud_rows_per_token"] == 1.0
+    assert confidence_stop_replay(conf, correct, lengths, 0.0)["cloud_rows_per_token"] > \
+        confidence_stop_replay(conf, correct, lengths, 0.9)["cloud_rows_per_token"] >= 1.0
 
 
 def _synthetic_set(n: int, seed: int = 0):

@@ -3,8 +3,9 @@
 Recording (`record_traces`): a real `fogline cloud serve`, a WanEmulator in front of it, and a
 real `fogline edge serve` whose cloud URL is a `RecordingProxy` (a websocket-level tap on the
 edge's side of the link). For each mode and chat prompt the bench sends one streaming chat
-request (greedy; to the end of the answer, or `ignore_eos` for a fixed length); the proxy stamps every frame the edge sends and every reply it
-receives, and the streaming client stamps every token the edge emits, all on this process's
+request (greedy; to the end of the answer, or `ignore_eos` for a fixed length); the proxy stamps
+every frame the edge sends and every reply it receives, and the streaming client stamps every
+token the edge emits (and keeps the edge's own token count), all on this process's
 monotonic clock. A `Trace` is that request's event list — `send` (the frame's bytes), `recv`
 (the reply's id and its recorded token / accepted / length), `emit` (one token reached the
 user) — each with `dt`, the edge's measured time since the previous event (its think time).
