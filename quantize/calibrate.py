@@ -47,8 +47,10 @@ class ExitStats:
     rank: np.ndarray | None = None  # [N] int: the full model's token's rank under the exit distribution (0: argmax)
 
 
-def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, progress: bool = False) -> ExitStats:
-    """Teacher-force every held-out answer through llama.cpp on `edge_gguf` (one sample per decode)."""
+def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, progress: bool = False,
+            ranks: bool = False) -> ExitStats:
+    """Teacher-force every held-out answer through llama.cpp on `edge_gguf` (one sample per decode).
+    ranks: also record the full model's token's rank per position (tree replay; bench_exit)."""
     from tqdm import tqdm
 
     from edge_runtime.llama_backend import BatchRow, LlamaContext, LlamaModel
@@ -56,7 +58,7 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
     model = LlamaModel(edge_gguf)
     conf: list[np.ndarray] = []
     correct: list[np.ndarray] = []
-    ranks: list[np.ndarray] = []
+    rank: list[np.ndarray] = []
     try:
         longest = max(len(s.tokens) for s in samples)
         ctx = LlamaContext(model, n_ctx=max(256, longest + 8), n_batch=512, n_threads=threads)
@@ -76,14 +78,15 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
                 answer = np.asarray(s.answer)
                 hit = z.argmax(-1) == answer
                 correct.append(hit)
-                above = (z > z[np.arange(len(answer)), answer][:, None]).sum(-1)
-                ranks.append(np.where(hit, 0, np.maximum(above, 1)))  # ties at the top count as argmax only if picked
+                if ranks:
+                    above = (z > z[np.arange(len(answer)), answer][:, None]).sum(-1)
+                    rank.append(np.where(hit, 0, np.maximum(above, 1)))  # a tie at the top is argmax only if picked
         finally:
             ctx.close()
     finally:
         model.close()
     return ExitStats(confidence=np.concatenate(conf), correct=np.concatenate(correct),
-                     lengths=[len(s.answer) for s in samples], rank=np.concatenate(ranks))
+                     lengths=[len(s.answer) for s in samples], rank=np.concatenate(rank) if ranks else None)
 
 
 def curve(stats: ExitStats, grid: tuple[float, ...] = TAU_GRID) -> list[dict[str, float]]:
@@ -107,7 +110,16 @@ def choose_tau(points: list[dict[str, float]], target: float) -> dict[str, float
 
 def spec_accepted_length(stats: ExitStats, gamma: int = SPEC_GAMMA) -> float:
     """Mean tokens per greedy spec round (accepted drafts + the cloud's token)."""
-    return _tokens_per_round(stats.correct[:, None], stats.lengths, gamma)
+    return _replay(stats.correct[:, None], None, stats.lengths, gamma)[0]
+
+
+def confidence_stop_replay(stats: ExitStats, c: float, gamma: int = SPEC_GAMMA) -> dict[str, float]:
+    """Greedy spec with a confidence stop (edge_runtime's `spec_stop`): a block drafts while the exit
+    head's max prob ≥ `c`, at most `gamma`; an empty block is the cloud picking the token. Tokens per
+    round trip, and the rows the cloud runs per kept token (each round: its drafts, accepted or not,
+    plus the row before them). c = 0 is the plain γ chain."""
+    tokens_per_round, rows_per_token = _replay(stats.correct[:, None], stats.confidence >= c, stats.lengths, gamma)
+    return {"tokens_per_round": tokens_per_round, "cloud_rows_per_token": rows_per_token}
 
 
 def tree_nodes(widths: tuple[int, ...]) -> int:
@@ -127,29 +139,35 @@ def tree_tokens_per_round(stats: ExitStats, widths: tuple[int, ...]) -> float:
     nodes the exit distribution is the teacher-forced one, so a depth-i draft is accepted iff the
     true token's rank there is below widths[i]."""
     if stats.rank is None:
-        raise ValueError("tree replay needs ExitStats.rank (quantize.calibrate.measure records it)")
+        raise ValueError("tree replay needs ExitStats.rank (quantize.calibrate.measure(..., ranks=True))")
     ok = stats.rank[:, None] < np.asarray(widths)[None, :]  # [N, depth]: would depth i accept this position
-    return _tokens_per_round(ok, stats.lengths, len(widths))
+    return _replay(ok, None, stats.lengths, len(widths))[0]
 
 
-def _tokens_per_round(ok: np.ndarray, lengths: list[int], depth: int) -> float:
-    """ok[pos, i]: a draft at tree depth i would be accepted at text position pos; ok has one column
-    (any depth) or `depth` columns."""
-    tokens = rounds = off = 0
+def _replay(ok: np.ndarray, sure: np.ndarray | None, lengths: list[int], depth: int) -> tuple[float, float]:
+    """The one greedy spec replay: ok[pos, i] says a draft at depth i would be accepted at text position
+    pos (one column: any depth); sure[pos] says the edge drafts there at all (None: always). A round
+    drafts up to `depth` positions while sure, keeps the accepted prefix and the cloud's token. Returns
+    tokens per round and, for a chain, the cloud's rows per kept token (drafts + the row before them)."""
+    tokens = rounds = rows = off = 0
     per_depth = ok.shape[1] > 1
     for n in lengths:
         match = ok[off: off + n]
+        drafts = sure[off: off + n] if sure is not None else None
         off += n
         p = 0
         while p < n:
+            d = 0
+            while d < depth and p + d < n and (drafts is None or drafts[p + d]):
+                d += 1
             a = 0
-            while a < depth and p + a < n and match[p + a, a if per_depth else 0]:
+            while a < d and match[p + a, a if per_depth else 0]:
                 a += 1
-            emitted = min(a + 1, n - p)
-            tokens += emitted
+            tokens += min(a + 1, n - p)
             rounds += 1
+            rows += d + 1
             p += a + 1
-    return tokens / max(1, rounds)
+    return tokens / max(1, rounds), rows / max(1, tokens)
 
 
 def summarize(stats: ExitStats, target: float) -> dict[str, Any]:

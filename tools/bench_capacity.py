@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fogline.arch import ArchSpec  # noqa: E402
-from tools.procs import free_port as _port, repo_env as _env, start_http as _start_http, stop  # noqa: E402
+import tools.procs as child_procs  # noqa: E402
+from tools.procs import free_port, repo_env, stop  # noqa: E402
 from tools.loadgen import RecordingProxy, SessionResult, Trace, load_traces, prepare, save_traces  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
@@ -62,16 +63,16 @@ REFERENCE = "llama.cpp server"
 def start_http(argv: list[str], port: int, name: str, health: str = "/health",
                timeout_s: float = 240.0, repo: Path = REPO) -> subprocess.Popen:
     """tools.procs.start_http, logging to /tmp/bench_capacity_{name}.log."""
-    return _start_http(argv, port, f"/tmp/bench_capacity_{name}.log", health=health, timeout_s=timeout_s, repo=repo)
+    return child_procs.start_http(argv, port, f"/tmp/bench_capacity_{name}.log", health=health, timeout_s=timeout_s, repo=repo)
 
 
 def start_wanem(upstream: int, rtt_ms: float, mbit: float) -> tuple[subprocess.Popen, int]:
     """A WAN emulator in its own process, so its forwarding does not share the load generator's loop."""
-    port = _port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tools.wanem", "--listen", f"127.0.0.1:{port}",
                              "--upstream", f"127.0.0.1:{upstream}", "--delay-ms", str(rtt_ms / 2),
                              "--mbit", str(mbit)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_env(), cwd=REPO, text=True)
+                            env=repo_env(), cwd=REPO, text=True)
     line = proc.stdout.readline()
     if not line.startswith("wanem"):
         proc.kill()
@@ -98,7 +99,7 @@ def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, mod
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     proxy = asyncio.run_coroutine_threadsafe(RecordingProxy(f"ws://127.0.0.1:{wport}/ws").start(), loop).result()
-    env = dict(_env(), FOGLINE_EDGE_CLOUD_URL=proxy.url, FOGLINE_EDGE_THREADS="1",
+    env = dict(repo_env(), FOGLINE_EDGE_CLOUD_URL=proxy.url, FOGLINE_EDGE_THREADS="1",
                FOGLINE_EDGE_CLOUD_DEADLINE_MS="60000", FOGLINE_EDGE_SPEC_STOP=str(spec_stop))
     edge = start_edge_server(bundle / "edge", Path("/tmp/bench_capacity_edge.log"), env=env)
     traces: list[Trace] = []
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"-rtt{args.rtt:g}{'-noeos' if args.ignore_eos else '-eos'}"
                       f"{f'-stop{args.spec_stop:g}' if args.spec_stop else ''}.msgpack")
     split_modes = [m for m in modes if m in SPLIT_MODES]
-    cport, fport = _port(), _port()
+    cport, fport = free_port(), free_port()
     procs: list[subprocess.Popen | None] = []
     try:
         cloud = start_http(["-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle / "cloud"), "--port",
@@ -478,7 +479,7 @@ def start_reference(rtt: float, mbit: float, threads: int) -> tuple[str, Any, li
         print(f"{REFERENCE}: not run — llama_cpp.server needs {', '.join(missing)} "
               "(pip install 'llama-cpp-python[server]==0.3.36')", flush=True)
         return None
-    port = _port()
+    port = free_port()
     proc = start_http(["-m", "llama_cpp.server", "--model", str(demo_gguf_path()), "--port", str(port),
                        "--n_threads", str(threads), "--n_ctx", "2048"], port, "llama_server", health="/v1/models")
     wan, wport = start_wanem(port, rtt, mbit)

@@ -100,29 +100,10 @@ def main() -> int:
 
 
 def confidence_stop_replay(confidence, correct, lengths, c: float, gamma: int = 4) -> dict[str, float]:
-    """Greedy spec with a confidence stop (edge_runtime's `spec_stop`), replayed from one teacher-forced
-    run (per-position confidence + match): a block drafts while the exit head's max prob ≥ `c`, at most
-    `gamma`; an empty block is the cloud picking the token. Returns tokens per round trip and the rows
-    the cloud runs per kept token (each round: its drafts, accepted or not, plus the row before them).
-    c = 0 is the plain γ chain.
-    """
-    tokens = rounds = rows = off = 0
-    for n in lengths:
-        conf, match = confidence[off: off + n], correct[off: off + n]
-        off += n
-        p = 0
-        while p < n:
-            d = 0
-            while d < gamma and p + d < n and conf[p + d] >= c:
-                d += 1
-            a = 0
-            while a < d and match[p + a]:
-                a += 1
-            tokens += min(a + 1, n - p)
-            rounds += 1
-            rows += d + 1
-            p += a + 1
-    return {"tokens_per_round": tokens / max(1, rounds), "cloud_rows_per_token": rows / max(1, tokens)}
+    """quantize.calibrate.confidence_stop_replay on bare per-position arrays."""
+    from quantize.calibrate import ExitStats
+    from quantize.calibrate import confidence_stop_replay as replay
+    return replay(ExitStats(confidence=confidence, correct=correct, lengths=lengths), c, gamma)
 
 
 def confidence_stop_tokens_per_round(confidence, correct, lengths, c: float, gamma: int = 4) -> float:
@@ -178,12 +159,12 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
             model.close()
         gen_s = time.time() - t0
         t0 = time.time()
-        stats = cal.measure(bundle / "edge" / "edge.gguf", samples, threads=th)
+        stats = cal.measure(bundle / "edge" / "edge.gguf", samples, threads=th, ranks=True)
         meas_s = time.time() - t0
     finally:
         src.close()
     summ = cal.summarize(stats, target)
-    replays = {str(c): confidence_stop_replay(stats.confidence, stats.correct, stats.lengths, c) for c in CONF_STOPS}
+    replays = {str(c): cal.confidence_stop_replay(stats, c) for c in CONF_STOPS}
     stops = {c: round(r["tokens_per_round"], 4) for c, r in replays.items()}
     stop_rows = {c: round(r["cloud_rows_per_token"], 4) for c, r in replays.items()}
     trees = tree_rows(stats)
