@@ -101,6 +101,7 @@ class PackedLinear(nn.Module):
         bias = dense.bias.detach() if dense.bias is not None else torch.zeros(dense.out_features)
         self.register_buffer("weight", dense.weight.detach().float().to_mkldnn())
         self.register_buffer("bias", bias.float().to_mkldnn())
+        self.has_bias = dense.bias is not None
         self.dense_weight = dense.weight.detach() if keep_dense_gemv else None
         self.dense_bias = dense.bias.detach() if (keep_dense_gemv and dense.bias is not None) else None
 
@@ -108,6 +109,14 @@ class PackedLinear(nn.Module):
         if self.dense_weight is not None and x.shape[0] == 1:
             return F.linear(x, self.dense_weight, self.dense_bias)
         return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
+
+    def keep_dense(self) -> Tensor:
+        """The dense weight for single-row steps, rebuilt from the oneDNN copy if it was dropped
+        (the LM head's, when `DeepModel.enable_fast_gemv` needs it)."""
+        if self.dense_weight is None:
+            self.dense_weight = self.weight.to_dense()
+            self.dense_bias = self.bias.to_dense() if self.has_bias else None
+        return self.dense_weight
 
 
 @dataclass
@@ -229,8 +238,8 @@ class DeepModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"cloud shard mismatch: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
-    def _linears(self) -> list[nn.Linear]:
-        return [m for m in self.modules() if isinstance(m, nn.Linear)]
+    def _linears(self) -> list[nn.Linear | PackedLinear]:
+        return [m for m in self.modules() if isinstance(m, (nn.Linear, PackedLinear))]
 
     def enable_fast_gemv(self) -> bool:
         """Single-row matmuls (one session decoding one token) as a compiled fused multiply-reduce.
@@ -239,13 +248,17 @@ class DeepModel(nn.Module):
         reduction loop reaches on CPUs like this one, and single-token decode is bound
         by exactly that stream. One compile per distinct weight shape (5 for a Llama),
         checked against F.linear; returns False (eager stays) when compiling fails.
+        With prepacked linears (the float32 CPU default) steps of two rows or more keep
+        oneDNN; single rows use the dense weights, the LM head's rebuilt from its oneDNN copy
+        (a second copy of it, 113 MB for SmolLM2-135M).
         """
-        if self.device.type != "cpu" or not isinstance(self.lm_head, nn.Linear):
-            return False  # on GPUs cuBLAS' gemv is already at memory speed; prepacked: oneDNN's own
+        if self.device.type != "cpu":
+            return False  # on GPUs cuBLAS' gemv is already at memory speed
         try:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             fn = torch.compile(_gemv, dynamic=False, fullgraph=True)
-            shapes = {tuple(m.weight.shape): m.weight for m in self._linears()}
+            weights = [_dense_weight_bias(m)[0] for m in self._linears()]
+            shapes = {(tuple(w.shape), w.dtype): w for w in weights}
             with torch.inference_mode():
                 for w in shapes.values():
                     x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)
@@ -259,10 +272,16 @@ class DeepModel(nn.Module):
         self._gemv = fn
         return True
 
-    def _lin(self, x: Tensor, lin: nn.Linear) -> Tensor:
+    @property
+    def fast_gemv(self) -> bool:
+        """Whether single-row steps use the compiled matmul (`enable_fast_gemv` succeeded)."""
+        return self._gemv is not None
+
+    def _lin(self, x: Tensor, lin: nn.Linear | PackedLinear) -> Tensor:
         if self._gemv is not None and x.shape[0] == 1:
-            y = self._gemv(x, lin.weight)
-            return y if lin.bias is None else y + lin.bias
+            w, b = _dense_weight_bias(lin)
+            y = self._gemv(x, w)
+            return y if b is None else y + b
         return lin(x if isinstance(lin, nn.Linear) else x.contiguous())  # oneDNN wants dense rows
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -332,6 +351,13 @@ class DeepModel(nn.Module):
     def logits(self, normed: Tensor) -> Tensor:
         """[R, D] -> float32 [R, V]."""
         return self._lin(normed, self.lm_head).float()
+
+
+def _dense_weight_bias(lin: nn.Linear | PackedLinear) -> tuple[Tensor, Tensor | None]:
+    """The dense [O, I] weight (and bias) a single-row step multiplies by."""
+    if isinstance(lin, PackedLinear):
+        return lin.keep_dense(), lin.dense_bias
+    return lin.weight, lin.bias
 
 
 def _gemv(x: Tensor, w: Tensor) -> Tensor:

@@ -355,7 +355,7 @@ def health_body(rt: CloudRuntime, connections: int) -> dict[str, Any]:
     return {
         "status": health_status(rt), "queue_limit": health_limit(rt.config),
         "fingerprint": m.fingerprint, "split": m.split, "n_layers": m.n_layers,
-        "device": rt.config.device, "dtype": rt.config.dtype,
+        "device": rt.config.device, "dtype": rt.config.dtype, "fast_gemv": rt.model.fast_gemv,
         "sessions": len(rt.store), "kv_bytes": rt.store.kv_bytes, "kv_budget_bytes": rt.store.budget,
         "connections": connections, "queued_steps": rt.batcher.queued,
         "uptime_s": round(time.monotonic() - rt.started, 3),

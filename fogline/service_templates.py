@@ -323,6 +323,11 @@ bundle = "/var/lib/fogline/bundle/cloud"
 #dtype = "float32"
 # torch intra-op threads; 0 = torch's default (all cores).
 #threads = 0
+# CPU: a lone session's decode steps (one row) through an inductor-compiled matmul that
+# streams the weights faster than MKL/oneDNN (batches stay on oneDNN). Needs a C++
+# compiler; the first start compiles for ~15 s, later ones read the inductor cache (~3 s).
+# Measured: 0.58-0.69x eager's deep-layer step time for one session (tools/bench_cloud.py).
+#fast_gemv = false
 
 # Edges must present this token in the handshake. Do not write it here (this file
 # is world-readable): put FOGLINE_CLOUD_TOKEN=... in @CONFIG_DIR@/cloud.env (mode 0600).

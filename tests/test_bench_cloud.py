@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_cloud_small(demo_bundle, tmp_path, subprocess_env):
     out = tmp_path / "cloud.json"
     cmd = [sys.executable, "tools/bench_cloud.py", "--bundle", str(demo_bundle), "--sessions", "1,4", "--repeats", "1",
-           "--new-tokens", "8", "--prefill", "8", "--decode-steps", "4", "--skip-c", "--json", str(out)]
+           "--new-tokens", "8", "--prefill", "8", "--decode-steps", "4", "--skip-c", "--json", str(out),
+           "--b-fast-gemv", "eager,fast_gemv"]
     r = subprocess.run(cmd, cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "(a) whole model" in r.stdout and "(b) deep layers" in r.stdout
@@ -27,11 +28,14 @@ def test_bench_cloud_small(demo_bundle, tmp_path, subprocess_env):
     a = report["a"]
     assert a["served"]["same_tokens_as_hf"] == "8/8", a  # float32, greedy: the same model
     assert all(math.isfinite(a[k]["median_ms"]) and a[k]["median_ms"] > 0 for k in ("hf", "served", "dense"))
-    (b,) = report["b"]
-    rows = b["servers"]["this"]["rows"]
-    assert [row["sessions"] for row in rows] == [1, 4] and b["split"] == 20
-    for row in rows:
-        assert row["concurrent_tok_s"] > 0 and row["one_at_a_time_tok_s"] > 0
-        assert row["ratio"] == pytest.approx(row["concurrent_tok_s"] / row["one_at_a_time_tok_s"])
-    assert rows[1]["sessions_per_pass"] > 1.0  # four concurrent sessions share passes
+    eager, fast = report["b"]  # both server configs, served side by side
+    assert (eager["fast_gemv"], fast["fast_gemv"]) == (False, True)
+    for b in (eager, fast):
+        rows = b["servers"]["this"]["rows"]
+        assert [row["sessions"] for row in rows] == [1, 4] and b["split"] == 20
+        for row in rows:
+            assert row["concurrent_tok_s"] > 0 and row["one_at_a_time_tok_s"] > 0
+            assert row["ratio"] == pytest.approx(row["concurrent_tok_s"] / row["one_at_a_time_tok_s"])
+        assert rows[1]["sessions_per_pass"] > 1.0  # four concurrent sessions share passes
+    assert "fast_gemv / eager" in r.stdout
     assert "c" not in report

@@ -4,8 +4,8 @@
     model (K=0: DeepModel over all L layers + the token embedding) against
     Hugging Face `generate` (greedy, its own KV cache) on the same float32
     weights, same device, same torch thread count. Rows: fogline as served (oneDNN
-    prepacked linears on CPU), fogline with dense linears, and (`--fast-gemv`) dense
-    with the compiled single-row matmul.
+    prepacked linears on CPU), fogline with dense linears, and (`--fast-gemv`) as
+    served with `--fast-gemv` (prepacked, single rows through the compiled matmul).
 
 (b) Aggregate deep-layer decode throughput through a real `fogline cloud serve`
     process (websocket, session store, batcher) for 1, 4, 16, 64 concurrent
@@ -14,7 +14,8 @@
     runs `--decode-steps` infer steps, each waiting for its token; tokens/s =
     sessions x steps / wall time of the decode phase. `--baseline-repo DIR` serves
     the same bundle from another checkout's code (e.g. main before a change) in the
-    same invocation, rounds interleaved, and prints the two side by side.
+    same invocation, rounds interleaved, and prints the two side by side;
+    `--b-fast-gemv eager,fast_gemv` does the same for the server's two matmul configs.
 
 (c) Where this CPU's bound is: FLOPs/s of a plain large matmul and of the model's
     own matmul shapes, the memory bandwidth of a large streaming read, and what they
@@ -75,7 +76,7 @@ def part_a(args: argparse.Namespace, report: dict) -> list[str]:
     dense = load_deep_model(src.spec, 0, src.state, device=dev, prepack=False)
     fast, fast_ok, compile_s = None, False, 0.0
     if args.fast_gemv:
-        fast = load_deep_model(src.spec, 0, src.state, device=dev, prepack=False)
+        fast = load_deep_model(src.spec, 0, src.state, device=dev)
         t0 = time.perf_counter()
         fast_ok = fast.enable_fast_gemv()
         compile_s = time.perf_counter() - t0
@@ -146,7 +147,7 @@ def part_a(args: argparse.Namespace, report: dict) -> list[str]:
                    "prompt_tokens": len(prompt), "new_tokens": n, "repeats": args.repeats,
                    "hf": {"median_ms": hf_med * 1e3, "p90_ms": pctl(runs["hf"], 90) * 1e3}}
     for name, label in (("served", f"fogline DeepModel, {packed}"), ("dense", "fogline DeepModel, dense F.linear"),
-                        ("fast", f"fogline DeepModel, fast_gemv (compile {compile_s:.0f} s)")):
+                        ("fast", f"fogline DeepModel, {packed} + fast_gemv (compile {compile_s:.0f} s)")):
         if not runs[name]:
             if name == "fast" and args.fast_gemv:
                 lines.append(f"  {label:<38} unavailable (torch.compile failed)")
@@ -191,7 +192,18 @@ def start_server(bundle: Path, threads: int, fast_gemv: bool, device: str,
             raise RuntimeError("cloud server did not start:\n" + "".join(lines[-20:]))
         lines.append(line)
         if m := re.search(r"http://[\d.]+:(\d+)", line):
-            return proc, int(m.group(1))
+            port = int(m.group(1))
+            if fast_gemv and not asyncio.run(_health(port)).get("fast_gemv"):
+                proc.terminate()
+                raise RuntimeError("the cloud server was asked for --fast-gemv but runs eager (see its log)")
+            return proc, port
+
+
+async def _health(port: int) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        return await (await http.get(f"http://127.0.0.1:{port}/health")).json()
 
 
 async def _batch_stats(port: int) -> tuple[float, float]:
@@ -273,25 +285,29 @@ def part_b(args: argparse.Namespace, report: dict) -> list[str]:
 
     bundle = ensure_bundle(Path(args.bundle))
     manifest = load_manifest(bundle / "cloud", role="cloud")
-    lines = []
-    for fast in args.b_fast_gemv:
-        servers = {"this": REPO}
-        if args.baseline_repo:
-            servers["baseline"] = Path(args.baseline_repo).resolve()
-        procs, ports = [], {}
-        try:
-            for name, repo in servers.items():
-                proc, ports[name] = start_server(bundle, args.threads, fast, args.device, repo)
+    repos = {"this": REPO}
+    if args.baseline_repo:
+        repos["baseline"] = Path(args.baseline_repo).resolve()
+    configs = list(dict.fromkeys(args.b_fast_gemv))
+    label = {False: "eager", True: "fast_gemv"}
+    procs, ports = [], {}
+    try:  # every (config, code) pair served at once, their rounds interleaved: load hits all alike
+        for fast in configs:
+            for name, repo in repos.items():
+                proc, ports[f"{label[fast]}/{name}"] = start_server(bundle, args.threads, fast, args.device, repo)
                 procs.append(proc)
-            rows = asyncio.run(_bench_servers(ports, manifest, args))
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=60)
+        rows = asyncio.run(_bench_servers(ports, manifest, args))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    lines = []
+    for fast in configs:
+        mine = {name: rows[f"{label[fast]}/{name}"] for name in repos}
         lines.append(f"(b) deep layers [{manifest.split}, {manifest.n_layers}) through `fogline cloud serve` "
-                     f"({'fast_gemv' if fast else 'eager'}, {args.threads or 'default'} torch thread(s), "
+                     f"({label[fast]}, {args.threads or 'default'} torch thread(s), "
                      f"{args.device}); {args.prefill}-row prefill (untimed), then {args.decode_steps} decode steps "
-                     f"per session; median of {args.repeats}" + (", rounds interleaved" if len(servers) > 1 else ""))
+                     f"per session; median of {args.repeats}" + (", rounds interleaved" if len(ports) > 1 else ""))
         lines.append(f"  {'code':<10} {'sessions':>8} {'concurrent tok/s':>17} {'one-at-a-time tok/s':>20} "
                      f"{'ratio':>7} {'sessions/pass':>14} {'step ms (1 session)':>20}")
         report.setdefault("b", []).append({
@@ -300,16 +316,21 @@ def part_b(args: argparse.Namespace, report: dict) -> list[str]:
             "servers": {name: {"repo": str(repo), "rows": [
                 {"sessions": n, "concurrent_tok_s": conc, "one_at_a_time_tok_s": seq, "ratio": conc / seq,
                  "sessions_per_pass": per_pass, "step_ms_one_session": 1e3 / seq}
-                for n, conc, seq, per_pass in rows[name]]} for name, repo in servers.items()}})
-        for name, repo in servers.items():
-            for n, conc, seq, per_pass in rows[name]:
+                for n, conc, seq, per_pass in mine[name]]} for name, repo in repos.items()}})
+        for name in repos:
+            for n, conc, seq, per_pass in mine[name]:
                 lines.append(f"  {name:<10} {n:>8} {conc:>17.1f} {seq:>20.1f} {conc / seq:>6.2f}x {per_pass:>14.1f} "
                              f"{1e3 / seq:>20.1f}")
-        if "baseline" in servers:
-            lines.append(f"  baseline = {servers['baseline']}; this / baseline:")
-            for (n, c1, s1, _), (_, c0, s0, _) in zip(rows["this"], rows["baseline"]):
+        if "baseline" in repos:
+            lines.append(f"  baseline = {repos['baseline']}; this / baseline:")
+            for (n, c1, s1, _), (_, c0, s0, _) in zip(mine["this"], mine["baseline"]):
                 lines.append(f"  {'':<10} {n:>8} {c1 / c0:>16.2f}x {s1 / s0:>19.2f}x   one-session step time "
                              f"{s0 / s1:.2f}x of baseline's")
+    if len(configs) == 2:
+        lines.append("  fast_gemv / eager (this code), same rounds interleaved:")
+        for (n, c1, s1, _), (_, c0, s0, _) in zip(rows["fast_gemv/this"], rows["eager/this"]):
+            lines.append(f"  {'':<10} {n:>8} concurrent {c1 / c0:.2f}x, one session's step time {s0 / s1:.2f}x "
+                         f"of eager's")
     return lines
 
 
@@ -393,7 +414,8 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--b-fast-gemv", type=lambda s: [x == "fast_gemv" for x in s.split(",")],
-                    default=[False], help="server configs for (b), comma-separated: eager,fast_gemv")
+                    default=[False], help="server configs for (b), comma-separated: eager,fast_gemv "
+                                          "(both: served side by side, rounds interleaved)")
     ap.add_argument("--fast-gemv", action="store_true", help="(a): also time the compiled single-row matmul")
     ap.add_argument("--baseline-repo", default="",
                     help="(b): also serve from this checkout's code (e.g. /work/main), interleaved, side by side")
