@@ -62,7 +62,7 @@ the engine produced them.
   on a slow link a longer block keeps the edge busy for one round trip, on a fast link or a
   poor exit head short blocks waste less. The pipelined next block is capped at γ too.
 
-  Confidence stop (`spec_stop` c, default 0): a position whose exit confidence is below c is
+  Confidence stop (`spec_stop` c, default 0.5): a position whose exit confidence is below c is
   not drafted; the block so far goes to the cloud (an empty block: the cloud picks the token,
   one row), and a pipelined block ends there. A rejected draft costs the cloud a deep-layer and an
   LM-head row for nothing, so c trades tokens per round trip for cloud rows per token

@@ -273,7 +273,7 @@ bundle = "/var/lib/fogline/bundle/edge"
 #spec_gamma = 4
 # spec: draft only while the exit's confidence >= this (0: always; higher: fewer cloud rows per
 # token, fewer tokens per round trip).
-#spec_stop = 0.0
+#spec_stop = 0.5
 # collab: share of the edge's own tokens the cloud checks against the full model (the live
 # agreement the auto policy learns from; one extra head row each on the cloud).
 #collab_check_share = 0.25

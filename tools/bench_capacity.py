@@ -45,6 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from edge_runtime.config import EdgeConfig  # noqa: E402  (torch-free)
 from fogline.arch import ArchSpec  # noqa: E402
 import tools.procs as child_procs  # noqa: E402
 from tools.procs import free_port, repo_env, stop  # noqa: E402
@@ -89,7 +90,7 @@ def cpu_s(proc: Any) -> float:
 
 
 def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, modes: list[str],
-                  prompts: list[str], tokens: int, ignore_eos: bool = False, spec_stop: float = 0.0) -> list[Trace]:
+                  prompts: list[str], tokens: int, ignore_eos: bool = False, spec_stop: float = 0.5) -> list[Trace]:
     """Real edge runs of the bundle through WAN emulator + recording proxy; one Trace per mode x prompt."""
     from openai import OpenAI
 
@@ -350,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbit", type=float, default=20.0, help="per-connection bandwidth cap of the emulated link")
     ap.add_argument("--slo", default="150,300", help="p95 ITL SLOs in ms")
     ap.add_argument("--tokens", type=int, default=48, help="most tokens per answer")
-    ap.add_argument("--spec-stop", type=float, default=0.0,
-                    help="the recorded edge's spec confidence stop (edge config spec_stop; default 0: plain chain)")
+    ap.add_argument("--spec-stop", type=float, default=EdgeConfig().spec_stop,
+                    help="the recorded edge's spec confidence stop (edge config spec_stop; default: the edge's "
+                         "default; 0: the plain chain)")
     ap.add_argument("--ignore-eos", action="store_true",
                     help="every answer runs all --tokens, past its end (default: answers end at end-of-generation)")
     ap.add_argument("--prompts", type=int, default=3)
