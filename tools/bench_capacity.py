@@ -90,7 +90,7 @@ def cpu_s(proc: Any) -> float:
 
 
 def record_traces(bundle: Path, cloud_port: int, rtt_ms: float, mbit: float, modes: list[str],
-                  prompts: list[str], tokens: int, ignore_eos: bool = False, spec_stop: float = 0.5) -> list[Trace]:
+                  prompts: list[str], tokens: int, ignore_eos: bool = False, spec_stop: float = EdgeConfig.spec_stop) -> list[Trace]:
     """Real edge runs of the bundle through WAN emulator + recording proxy; one Trace per mode x prompt."""
     from openai import OpenAI
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbit", type=float, default=20.0, help="per-connection bandwidth cap of the emulated link")
     ap.add_argument("--slo", default="150,300", help="p95 ITL SLOs in ms")
     ap.add_argument("--tokens", type=int, default=48, help="most tokens per answer")
-    ap.add_argument("--spec-stop", type=float, default=EdgeConfig().spec_stop,
+    ap.add_argument("--spec-stop", type=float, default=EdgeConfig.spec_stop,
                     help="the recorded edge's spec confidence stop (edge config spec_stop; default: the edge's "
                          "default; 0: the plain chain)")
     ap.add_argument("--ignore-eos", action="store_true",
