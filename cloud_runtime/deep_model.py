@@ -101,9 +101,8 @@ class PackedLinear(nn.Module):
         bias = dense.bias.detach() if dense.bias is not None else torch.zeros(dense.out_features)
         self.register_buffer("weight", dense.weight.detach().float().to_mkldnn())
         self.register_buffer("bias", bias.float().to_mkldnn())
-        self.has_bias = dense.bias is not None
         self.dense_weight = dense.weight.detach() if keep_dense_gemv else None
-        self.dense_bias = dense.bias.detach() if (keep_dense_gemv and dense.bias is not None) else None
+        self.dense_bias = dense.bias.detach() if dense.bias is not None else None  # small: always kept
 
     def forward(self, x: Tensor) -> Tensor:  # [N, I] -> [N, O]
         if self.dense_weight is not None and x.shape[0] == 1:
@@ -115,7 +114,6 @@ class PackedLinear(nn.Module):
         (the LM head's, when `DeepModel.enable_fast_gemv` needs it)."""
         if self.dense_weight is None:
             self.dense_weight = self.weight.to_dense()
-            self.dense_bias = self.bias.to_dense() if self.has_bias else None
         return self.dense_weight
 
 

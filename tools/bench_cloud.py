@@ -33,18 +33,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from tools.procs import free_port, start_http, stop  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 
@@ -177,33 +181,19 @@ def ensure_bundle(path: Path) -> Path:
 
 def start_server(bundle: Path, threads: int, fast_gemv: bool, device: str,
                  repo: Path = REPO) -> tuple[subprocess.Popen, int]:
-    """`fogline cloud serve` from `repo`'s code (its checkout first on sys.path, and the cwd)."""
-    cmd = [sys.executable, "-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle.resolve() / "cloud"),
-           "--port", "0", "--threads", str(threads), "--device", device, "--log-level", "WARNING",
-           "--kv-budget-bytes", str(8 << 30)]
-    if fast_gemv:
-        cmd.append("--fast-gemv")
-    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("cloud server did not start:\n" + "".join(lines[-20:]))
-        lines.append(line)
-        if m := re.search(r"http://[\d.]+:(\d+)", line):
-            port = int(m.group(1))
-            if fast_gemv and not asyncio.run(_health(port)).get("fast_gemv"):
-                proc.terminate()
-                raise RuntimeError("the cloud server was asked for --fast-gemv but runs eager (see its log)")
-            return proc, port
-
-
-async def _health(port: int) -> dict:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as http:
-        return await (await http.get(f"http://127.0.0.1:{port}/health")).json()
+    """`fogline cloud serve` from `repo`'s code (tools.procs: its checkout first on sys.path, and the
+    cwd); refuses one asked for --fast-gemv that serves eager (its /health says which)."""
+    port = free_port()
+    argv = ["-m", "fogline.cli", "cloud", "serve", "--bundle", str(bundle.resolve() / "cloud"),
+            "--port", str(port), "--threads", str(threads), "--device", device, "--log-level", "WARNING",
+            "--kv-budget-bytes", str(8 << 30)] + (["--fast-gemv"] if fast_gemv else [])
+    log_path = f"/tmp/bench_cloud_{port}.log"
+    proc = start_http(argv, port, log_path, repo=repo)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+        if fast_gemv and not json.load(r).get("fast_gemv"):
+            stop(proc)
+            raise SystemExit(f"the cloud server was asked for --fast-gemv but serves eager; see {log_path}")
+    return proc, port
 
 
 async def _batch_stats(port: int) -> tuple[float, float]:
@@ -298,9 +288,7 @@ def part_b(args: argparse.Namespace, report: dict) -> list[str]:
                 procs.append(proc)
         rows = asyncio.run(_bench_servers(ports, manifest, args))
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
+        stop(*procs)
     lines = []
     for fast in configs:
         mine = {name: rows[f"{label[fast]}/{name}"] for name in repos}
@@ -364,8 +352,6 @@ def part_c(args: argparse.Namespace, report: dict) -> list[str]:
     big = torch.randn(64 << 20, device=dev)  # 256 MiB
     gbps = big.numel() * 4 / timed(lambda: big.sum(), 5) / 1e9
     manifest = load_manifest(ensure_bundle(Path(args.bundle)) / "cloud", role="cloud")
-    import json
-
     cfg = json.loads((Path(args.bundle) / "cloud" / "config.json").read_text())
     d, inter, vocab = manifest.hidden_size, cfg["intermediate_size"], manifest.vocab_size
     nh = cfg["num_attention_heads"]
@@ -440,8 +426,6 @@ def main() -> int:
     load = os.getloadavg()
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)")
     if args.json:
-        import json
-
         report["machine"] = {"cpus": os.cpu_count(), "load_1min": load[0], "load_5min": load[1]}
         Path(args.json).write_text(json.dumps(report, indent=1))
         print("json:", args.json)

@@ -1,7 +1,8 @@
 """The benchmarks' child processes: a free port, an HTTP daemon started and awaited, a clean stop.
 
-One copy for tools/bench_collab.py and tools/bench_capacity.py (and tools/llama_ref.py through the
-latter), so a daemon that never comes up fails the same way everywhere: one line naming its log.
+One copy for tools/bench_collab.py, tools/bench_capacity.py and tools/bench_cloud.py (and
+tools/llama_ref.py through bench_capacity), so a daemon that never comes up fails the same way
+everywhere: one line naming its log.
 """
 
 from __future__ import annotations
