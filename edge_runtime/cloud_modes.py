@@ -8,9 +8,11 @@ All cloud I/O of one request runs under one asyncio lock, so its frames leave in
 the engine produced them.
 
 * `cloud`  — every token from the deep layers: `infer` with the rows not uploaded yet.
-* `collab` — CE-CoLLM: the exit head's token is emitted when its max probability >= τ
-  (request `fogline_tau`, else the bundle's calibrated τ, else config `tau`); otherwise
-  `infer`. Rows of edge-emitted positions go up lazily: the prompt's rows as soon as prefill
+* `collab` — CE-CoLLM: the edge's token is emitted when its confidence >= τ (request
+  `fogline_tau`, else the bundle's calibrated τ, else config `tau`); otherwise `infer`. The
+  confidence is the exit head's max probability, or, for greedy requests with prompt lookup on,
+  the max probability of the lookup mixture (fogline/prompt_lookup.py) the bundle's τ was
+  calibrated on. Rows of edge-emitted positions go up lazily: the prompt's rows as soon as prefill
   produced them, then a background `append` (no ack) once `LAZY_BATCH` rows are pending, the
   rest piggybacked on the next `infer`. A row is recorded once in the request's CloudSession
   and sent from `cloud_len` only, so no position goes up twice (the cloud would refuse an
@@ -427,7 +429,7 @@ class _CloudSource:
 
     def _edge_choice(self, step: ExitStep) -> TokenChoice:
         banned = self._eog if step.request.params.ignore_eos else ()
-        return step.sampler.choose(step.logits, banned)
+        return step.sampler.choose(step.logits, banned, step.hint)
 
     def _rows(self, step: ExitStep, st: _Req, upto: int) -> np.ndarray:
         assert step.hidden is not None

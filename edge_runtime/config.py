@@ -102,6 +102,9 @@ class EdgeConfig:
     # drafts cost the cloud fewer rows per token, at fewer tokens per round trip. 0.5: 23% fewer
     # deep passes per token than 0 and no latency cost measured at RTT 20-100 ms (README, spec).
     spec_stop: float = 0.5
+    # Greedy decoding mixes the exit head with a copy of the context (prompt lookup, weights fitted
+    # at export: the manifest's calibration.prompt_lookup); false: the exit head alone.
+    prompt_lookup: bool = True
     # Collab: share of the edge-emitted tokens the cloud checks against the deep model's greedy
     # token (one extra head row each, no extra round trip): the live agreement `auto` learns from.
     collab_check_share: float = 0.25

@@ -36,6 +36,7 @@ from edge_runtime.errors import ApiError, ErrorKind
 from edge_runtime.llama_backend import BatchRow, DecodeError, LlamaContext, LlamaModel
 from edge_runtime.sampling import Sampler, SamplingParams, StopMatcher, TokenChoice, Utf8Stream
 from fogline.constraint import Constraint, apply_mask
+from fogline.prompt_lookup import PromptLookup
 
 log = logging.getLogger("fogline.edge.engine")
 
@@ -68,6 +69,7 @@ class FoglineStats:
     fallback: str | None = None
     edge_tokens: int = 0
     cloud_tokens: int = 0
+    lookup_tokens: int = 0  # edge tokens (emitted or accepted drafts) where prompt lookup overrode the exit head's argmax
     cloud_round_trips: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -101,7 +103,8 @@ class FoglineStats:
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"mode": self.mode, "edge_tokens": self.edge_tokens, "cloud_tokens": self.cloud_tokens,
                                 "fallback": self.fallback, "cloud_round_trips": self.cloud_round_trips,
-                                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+                                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                                "lookup_tokens": self.lookup_tokens}
         if self.checked:
             d["agreement"] = {"checked": self.checked, "agreed": self.agreed,
                               "rate": round(self.agreed / self.checked, 4)}
@@ -177,6 +180,7 @@ class ExitStep:
     stats: FoglineStats  # a source that talks to a cloud adds its round trips / bytes here
     held: int = 0  # speculative drafts held (not emitted) at positions [position - held, position)
     mask: bytes | None = None  # structured output: the bitmask already applied to `logits` (the cloud applies it too)
+    hint: tuple[int, float] | None = None  # greedy: prompt-lookup (candidate, λ) for Sampler.choose
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,7 @@ class EdgeTokenSource:
 
     def decide(self, step: ExitStep) -> TokenChoice:
         banned = self._eog if step.request.params.ignore_eos else ()
-        return step.sampler.choose(step.logits, banned)
+        return step.sampler.choose(step.logits, banned, step.hint)
 
     def release(self, request: GenerationRequest) -> None:
         pass
@@ -305,6 +309,8 @@ class Engine:
         self.steps = 0
         self.prefix_reused = 0  # prompt positions not prefilled again thanks to a slot's cached prefix
         self.dead: str | None = None  # set when the loop died; the engine cannot recover
+        # the bundle's prompt-lookup mixture (fogline.prompt_lookup), for greedy requests; None: off
+        self.lookup: PromptLookup | None = None
 
     # ---- consumer side (any thread)
 
@@ -593,6 +599,8 @@ class Engine:
                             tokens=seq.tokens, hidden=seq.hidden, stats=seq.stats)
             if seq.req.constraint is not None and not self._constrain(seq, step):
                 continue
+            if self.lookup is not None and seq.sampler.takes_lookup:
+                step.hint = self.lookup.hint(seq.tokens)
             self._decide(seq, step)
 
     def _constrain(self, seq: _Sequence, step: ExitStep) -> bool:
@@ -693,6 +701,7 @@ class Engine:
             seq.stats.cloud_tokens += 1
         else:
             seq.stats.edge_tokens += 1
+            seq.stats.lookup_tokens += choice.lookup
         if self.model.is_eog(tok) and not seq.req.params.ignore_eos:
             self._emit(seq, StreamEvent(seq.req.request_id, choice=choice))
             self._finish(seq, "stop")

@@ -17,6 +17,7 @@ from edge_runtime.engine import Engine
 from edge_runtime.llama_backend import LlamaContext, LlamaModel
 from fogline.errors import BundleError, ConfigError
 from fogline.manifest import Manifest, load_manifest, verify_files
+from fogline.prompt_lookup import PromptLookup
 
 log = logging.getLogger("fogline.edge")
 
@@ -76,6 +77,7 @@ def load_runtime(cfg: EdgeConfig) -> EdgeRuntime:
         raise
     engine = Engine(model, ctx, parallel=cfg.parallel, ctx_size=cfg.ctx_size, batch_size=cfg.batch_size,
                     queue_size=cfg.queue_size, retry_after_s=cfg.retry_after_s)
+    engine.lookup = prompt_lookup(cfg, manifest)
     template = ChatTemplate(model.chat_template(), _special(model, model.bos), _special(model, model.eos))
     engine.start()
     name = cfg.served_model_name(manifest.split)
@@ -83,6 +85,26 @@ def load_runtime(cfg: EdgeConfig) -> EdgeRuntime:
              gguf, manifest.split, model.n_layer, model.n_vocab, ctx.n_ctx, cfg.parallel, cfg.ctx_size,
              cfg.effective_threads(), cfg.capture_hidden)
     return EdgeRuntime(manifest=manifest, model=model, ctx=ctx, engine=engine, template=template, model_name=name)
+
+
+def prompt_lookup(cfg: EdgeConfig, manifest: Manifest) -> PromptLookup | None:
+    """The bundle's fitted prompt-lookup mixture, unless config turns it off. A bundle without
+    one (exported before it existed) runs the exit head alone, and says so."""
+    entry = (manifest.calibration or {}).get("prompt_lookup")
+    lookup = PromptLookup.from_manifest(entry)
+    if not cfg.prompt_lookup:
+        log.info("prompt lookup off (config prompt_lookup = false): greedy tokens from the exit head alone")
+        return None
+    if lookup is None:
+        if entry is not None:
+            log.error("bundle calibration.prompt_lookup is malformed (%r): greedy tokens from the exit head "
+                      "alone; re-export the bundle", entry)
+        else:
+            log.warning("bundle has no calibration.prompt_lookup (exported before fogline had it): greedy tokens "
+                        "from the exit head alone; re-export to get it")
+        return None
+    log.info("prompt lookup on: λ by match length %s", list(lookup.lambdas))
+    return lookup
 
 
 def _special(model: LlamaModel, token: int) -> str:

@@ -9,7 +9,9 @@ report: the chosen token's log-probability and the distribution's confidence.
 Log-probabilities (`logprobs`, `top_logprobs`, `confidence`) are those of the
 model's own distribution, before penalties, logit_bias, temperature and
 truncation (what vLLM reports by default): they describe the model, not the
-dice.
+dice. With a prompt-lookup hint (greedy only, `fogline.prompt_lookup`), the token
+and its `confidence` are the lookup mixture's; the log-probabilities stay the
+exit head's.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import codecs
 import collections
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from fogline.prompt_lookup import mix
 
 MAX_TOP_LOGPROBS = 20
 # top_p first looks at this many best tokens; only if they hold less than top_p
@@ -60,6 +64,7 @@ class TokenChoice:
     confidence: float  # max probability of that distribution
     top_logprobs: tuple[tuple[int, float], ...] = ()
     origin: str = "edge"  # "edge" (exit head), "cloud" (deep layers), "draft" (an edge draft the cloud accepted)
+    lookup: bool = False  # the edge's greedy token is the prompt-lookup candidate, not the exit head's argmax
 
 
 def log_normalizer(logits: np.ndarray) -> tuple[float, float]:
@@ -79,6 +84,15 @@ class Sampler:
         self._recent: collections.deque[int] = collections.deque(maxlen=max(params.repeat_last_n, 0))
         self._bias_idx = np.fromiter((int(k) for k in params.logit_bias), dtype=np.int64)
         self._bias_val = np.fromiter((float(v) for v in params.logit_bias.values()), dtype=np.float32)
+
+    @property
+    def takes_lookup(self) -> bool:
+        """Whether a prompt-lookup hint applies: plain greedy decoding only. Sampling draws from the
+        exit head, and penalties and logit_bias are a request to steer the tokens (a repeat penalty
+        asks for the opposite of copying the context), which the fitted mixture does not model."""
+        p = self.params
+        return ((p.temperature == 0.0 or p.top_k == 1) and not p.presence_penalty and not p.frequency_penalty
+                and p.repeat_penalty == 1.0 and not p.logit_bias)
 
     def observe(self, token: int) -> None:
         """Record a token of the completion (penalties count completion tokens only)."""
@@ -113,18 +127,28 @@ class Sampler:
             z[list(banned)] = -np.inf
         return z
 
-    def choose(self, logits: np.ndarray, banned: tuple[int, ...] = ()) -> TokenChoice:
-        """Pick the next token from one row of logits [n_vocab]."""
+    def choose(self, logits: np.ndarray, banned: tuple[int, ...] = (),
+               hint: tuple[int, float] | None = None) -> TokenChoice:
+        """Pick the next token from one row of logits [n_vocab].
+
+        hint: the prompt-lookup candidate and its weight λ (`fogline.prompt_lookup`); greedy
+        decoding then takes argmax of (1 - λ) p + λ δ_candidate, whose probability becomes the
+        confidence. Ignored unless `takes_lookup`, and where the candidate is masked or banned."""
         p = self.params
         m, lse = log_normalizer(logits)
         z = self._allowed(logits, banned)
         if p.temperature == 0.0 or p.top_k == 1:
             token = int(np.argmax(z))
+            if hint is not None and self.takes_lookup and 0 <= hint[0] < len(z) and np.isfinite(z[hint[0]]):
+                argmax = token
+                token, conf = mix(argmax, float(np.exp(m - lse)), hint, float(np.exp(float(logits[hint[0]]) - lse)))
+                return replace(self._choice(logits, token, m, lse, conf), lookup=token != argmax)
         else:
             token = self._draw(z / np.float32(p.temperature))
         return self._choice(logits, token, m, lse)
 
-    def _choice(self, logits: np.ndarray, token: int, m: float, lse: float) -> TokenChoice:
+    def _choice(self, logits: np.ndarray, token: int, m: float, lse: float,
+                confidence: float | None = None) -> TokenChoice:
         p = self.params
         top: tuple[tuple[int, float], ...] = ()
         if p.logprobs and p.top_logprobs:
@@ -133,7 +157,7 @@ class Sampler:
             idx = idx[np.argsort(-logits[idx], kind="stable")]
             top = tuple((int(i), float(logits[i]) - lse) for i in idx)
         return TokenChoice(token=token, logprob=float(logits[token]) - lse,
-                           confidence=float(np.exp(m - lse)), top_logprobs=top)
+                           confidence=float(np.exp(m - lse)) if confidence is None else confidence, top_logprobs=top)
 
     def draft(self, logits: np.ndarray, banned: tuple[int, ...] = (), width: int = 32
               ) -> tuple[TokenChoice, tuple[tuple[int, float], ...]]:

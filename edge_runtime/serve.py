@@ -26,6 +26,7 @@ _FLAGS: dict[str, str] = {
     "capture_hidden": "capture_hidden", "verify_bundle": "verify_bundle", "log_level": "log_level",
     "cloud_url": "cloud_url", "cloud_token": "cloud_token", "cloud_codec": "cloud_codec",
     "cloud_deadline_ms": "cloud_deadline_ms", "tau": "tau", "spec_gamma": "spec_gamma", "spec_stop": "spec_stop",
+    "prompt_lookup": "prompt_lookup",
 }
 
 
@@ -59,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="collab confidence threshold when neither the request nor the bundle gives one (default 0.9)")
     g.add_argument("--spec-gamma", type=int, help="spec mode: initial draft block length (default 4)")
     g.add_argument("--spec-stop", type=float,
-                   help="spec mode: draft only while the exit head's confidence is at least this (default 0: always)")
+                   help="spec mode: draft only while the edge's confidence is at least this (default 0.5; 0: always)")
+    p.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=None,
+                   help="greedy decoding mixes the exit head with a copy of the context, weights from the "
+                        "bundle's calibration (default on)")
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:

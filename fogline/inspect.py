@@ -71,8 +71,13 @@ def describe_exit(m: Manifest) -> list[str]:
         f"             spec drafting γ={c.get('spec_gamma')}: mean accepted length "
         f"{c.get('spec_mean_accepted')} tokens/round incl. the cloud's token "
         f"(bare head {bare.get('spec_mean_accepted')})",
-        "             τ      exit rate  agreement of exited tokens",
     ]
+    lk, head = c.get("prompt_lookup"), c.get("head_only") or {}
+    if lk:
+        lines.append(f"             greedy tokens: exit head + prompt lookup (λ by match length {lk.get('lambdas')}); "
+                     f"the exit head alone: agreement {_pct(head.get('agreement_top1')).strip()}, "
+                     f"{_pct(head.get('exit_rate_at_target')).strip()} exit, spec {head.get('spec_mean_accepted')}")
+    lines.append("             τ      exit rate  agreement of exited tokens")
     for p in c.get("curve", []):
         mark = "  <- default" if p.get("tau") == c.get("default_tau") else ""
         lines.append(f"             {p['tau']:<6} {_pct(p.get('exit_rate'))}     {_pct(p.get('agreement'))}{mark}")

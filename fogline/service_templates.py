@@ -274,6 +274,9 @@ bundle = "/var/lib/fogline/bundle/edge"
 # spec: draft only while the exit's confidence >= this (0: always; higher: fewer cloud rows per
 # token, fewer tokens per round trip).
 #spec_stop = 0.5
+# greedy decoding mixes the exit head with a copy of the context (prompt lookup; weights from
+# the bundle's calibration). false: the exit head alone.
+#prompt_lookup = true
 # collab: share of the edge's own tokens the cloud checks against the full model (the live
 # agreement the auto policy learns from; one extra head row each on the cloud).
 #collab_check_share = 0.25

@@ -15,6 +15,10 @@ From that:
   longest matching prefix and adds its own token (the correction, or a bonus
   after γ accepted), so a round yields accepted + 1 tokens. Replayed exactly on
   greedy text: drafts condition only on accepted (hence true) tokens.
+* the prompt-lookup mixture (`fit_lookup`, `with_lookup`; fogline/prompt_lookup.py): at each
+  position, the continuation of the longest earlier match in the true text so far, the λ per
+  match length fitted by likelihood, and the mixture's token and confidence as the edge's
+  greedy decoding computes them; the export calibrates τ on that confidence;
 * greedy drafting of a tree (`tree_tokens_per_round`): with the rank of the full
   model's token under each exit distribution, a tree that drafts the top-w_i
   tokens at depth i is replayed exactly too, since the accepted path is the
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fogline.arch import ArchSpec
+from fogline.prompt_lookup import PromptLookup
 from quantize.calibration_data import Sample
 
 TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95,
@@ -45,6 +50,18 @@ class ExitStats:
     correct: np.ndarray  # [N] bool: exit argmax == the full model's token
     lengths: list[int]  # positions per sample
     rank: np.ndarray | None = None  # [N] int: the full model's token's rank under the exit distribution (0: argmax)
+    lookup: LookupFeatures | None = None  # prompt lookup at each position (`with_lookup`)
+
+
+@dataclass
+class LookupFeatures:
+    """What the prompt-lookup mixture (fogline.prompt_lookup) needs per generated position."""
+
+    match_len: np.ndarray  # [N] int: length of the context match (0: no candidate)
+    p_candidate: np.ndarray  # [N] float64: p_exit(candidate) (0 without one)
+    candidate_true: np.ndarray  # [N] bool: the candidate is the full model's token
+    candidate_is_argmax: np.ndarray  # [N] bool
+    p_true: np.ndarray  # [N] float64: p_exit(the full model's token), for the λ fit
 
 
 def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, progress: bool = False,
@@ -55,10 +72,13 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
 
     from edge_runtime.llama_backend import BatchRow, LlamaContext, LlamaModel
 
+    from fogline.prompt_lookup import MAX_N, continuation
+
     model = LlamaModel(edge_gguf)
     conf: list[np.ndarray] = []
     correct: list[np.ndarray] = []
     rank: list[np.ndarray] = []
+    lk: list[tuple[int, float, bool, bool, float]] = []
     try:
         longest = max(len(s.tokens) for s in samples)
         ctx = LlamaContext(model, n_ctx=max(256, longest + 8), n_batch=512, n_threads=threads)
@@ -76,8 +96,15 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
                 p_max = 1.0 / np.exp(z - m).sum(-1)
                 conf.append(p_max)
                 answer = np.asarray(s.answer)
-                hit = z.argmax(-1) == answer
+                argmax = z.argmax(-1)
+                hit = argmax == answer
                 correct.append(hit)
+                lse = m[:, 0] + np.log(np.exp(z - m).sum(-1))
+                for i, t in enumerate(s.answer):  # the candidate the edge would see: true text before i
+                    found = continuation(s.tokens[: s.first_target + 1 + i], MAX_N)
+                    c, n = found if found is not None else (-1, 0)
+                    lk.append((n, float(np.exp(z[i, c] - lse[i])) if n else 0.0, c == t, c == int(argmax[i]),
+                               float(np.exp(z[i, t] - lse[i]))))
                 if ranks:
                     above = (z > z[np.arange(len(answer)), answer][:, None]).sum(-1)
                     rank.append(np.where(hit, 0, np.maximum(above, 1)))  # a tie at the top is argmax only if picked
@@ -85,8 +112,48 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
             ctx.close()
     finally:
         model.close()
+    cols = list(zip(*lk)) or [()] * 5
+    features = LookupFeatures(match_len=np.asarray(cols[0], dtype=np.int64), p_candidate=np.asarray(cols[1]),
+                              candidate_true=np.asarray(cols[2], dtype=bool),
+                              candidate_is_argmax=np.asarray(cols[3], dtype=bool), p_true=np.asarray(cols[4]))
     return ExitStats(confidence=np.concatenate(conf), correct=np.concatenate(correct),
-                     lengths=[len(s.answer) for s in samples], rank=np.concatenate(rank) if ranks else None)
+                     lengths=[len(s.answer) for s in samples], rank=np.concatenate(rank) if ranks else None,
+                     lookup=features)
+
+
+def fit_lookup(stats: ExitStats) -> PromptLookup:
+    """λ per match length by likelihood of the full model's tokens on these positions."""
+    from fogline.prompt_lookup import fit_lambdas
+
+    f = _features(stats)
+    return fit_lambdas(f.match_len, f.p_true, f.candidate_true)
+
+
+def with_lookup(stats: ExitStats, lookup: PromptLookup) -> ExitStats:
+    """The same positions as the edge decodes them greedily with the mixture: per position the
+    token and confidence `fogline.prompt_lookup.mix` gives (the edge's Sampler calls the same
+    function), and whether that token is the full model's. Exact for chains, as `_replay` is:
+    the context a candidate comes from is the true text. Ranks stay the exit head's."""
+    from fogline.prompt_lookup import mix
+
+    f = _features(stats)
+    conf = stats.confidence.copy()
+    correct = stats.correct.copy()
+    for i in np.flatnonzero(f.match_len > 0):
+        lam = lookup.lambdas[min(int(f.match_len[i]), lookup.max_n) - 1]
+        if lam <= 0:
+            continue
+        argmax = 0 if f.candidate_is_argmax[i] else 1  # stand-in ids: only "is it the candidate" matters
+        token, conf[i] = mix(argmax, float(stats.confidence[i]), (0, lam), float(f.p_candidate[i]))
+        if token == 0 and not f.candidate_is_argmax[i]:
+            correct[i] = f.candidate_true[i]
+    return ExitStats(confidence=conf, correct=correct, lengths=stats.lengths, rank=stats.rank, lookup=stats.lookup)
+
+
+def _features(stats: ExitStats) -> LookupFeatures:
+    if stats.lookup is None:
+        raise ValueError("prompt lookup needs ExitStats.lookup (quantize.calibrate.measure records it)")
+    return stats.lookup
 
 
 def curve(stats: ExitStats, grid: tuple[float, ...] = TAU_GRID) -> list[dict[str, float]]:
@@ -187,9 +254,23 @@ def summarize(stats: ExitStats, target: float) -> dict[str, Any]:
     }
 
 
+HEAD_ONLY_KEYS = ("agreement_top1", "default_tau", "exit_rate_at_target", "spec_mean_accepted")
+
+
 def calibrate(edge_gguf: Path, samples: list[Sample], target: float, threads: int | None = None,
-              progress: bool = False) -> dict[str, Any]:
-    return summarize(measure(edge_gguf, samples, threads, progress), target)
+              progress: bool = False, lookup: bool = True) -> dict[str, Any]:
+    """The calibration summary of what the edge runs. lookup: fit the prompt-lookup mixture on
+    these positions, and calibrate τ on the mixture's confidence (the edge's greedy tokens and
+    their confidence come from it); the exit head alone is kept beside it (`head_only`)."""
+    stats = measure(edge_gguf, samples, threads, progress)
+    if not lookup:
+        return summarize(stats, target)
+    fitted = fit_lookup(stats)
+    head = summarize(stats, target)
+    out = summarize(with_lookup(stats, fitted), target)
+    out["prompt_lookup"] = fitted.to_manifest()
+    out["head_only"] = {k: head[k] for k in HEAD_ONLY_KEYS}
+    return out
 
 
 # ---- measurements across splits: what a deeper edge buys ------------------------------------------
@@ -209,11 +290,18 @@ def record_measurement(src: Any, split: int, quant: str, areq: Any, data_key: st
            "agreement_top1": summary["agreement_top1"], "default_tau": summary["default_tau"],
            "exit_rate_at_target": summary["exit_rate_at_target"],
            "spec_mean_accepted": summary["spec_mean_accepted"], "bare": bare,
-           "train_seconds": train_info.get("train_seconds"), "train_cpu_seconds": train_info.get("train_cpu_seconds")}
+           "train_seconds": train_info.get("train_seconds"), "train_cpu_seconds": train_info.get("train_cpu_seconds"),
+           "drafter": drafter(summary)}
     path = cache_dir() / MEASUREMENTS
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def drafter(summary: dict[str, Any]) -> str:
+    """What produced a summary's figures: "exit+lookup" (the mixture) or "exit" (the head alone;
+    also every row logged before prompt lookup existed)."""
+    return "exit+lookup" if summary.get("prompt_lookup") else "exit"
 
 
 def load_measurements(fingerprint: str) -> list[dict[str, Any]]:
@@ -250,8 +338,8 @@ def split_advice(spec: Any, fingerprint: str, quant: str, areq: Any, data_key: s
 
     measured: dict[int, dict[str, Any]] = {}
     for row in load_measurements(fingerprint):
-        if row.get("blocks") != areq.blocks or row.get("data_key") != data_key:
-            continue
+        if row.get("blocks") != areq.blocks or row.get("data_key") != data_key or row.get("drafter", "exit") != "exit+lookup":
+            continue  # figures of another recipe, data or drafter do not compare
         prev = measured.get(row["K"])
         if prev is None or row["quant"] == quant or prev["quant"] != quant:
             measured[row["K"]] = row  # latest wins, same quant preferred

@@ -290,7 +290,7 @@ def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: Exp
 
     steps.set_postfix_str("calibrating the exit (llama.cpp, held-out text)")
     curve = cal.calibrate(edge_path, data.heldout, req.target_agreement, threads, progress=req.progress)
-    bare = cal.calibrate(base, data.heldout, req.target_agreement, threads)
+    bare = cal.calibrate(base, data.heldout, req.target_agreement, threads, lookup=False)
     base.unlink()
     bare_short = {k: bare[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target", "spec_mean_accepted")}
     cal.record_measurement(src, split, quant, areq, data.key, curve, bare_short, result.info)
@@ -306,9 +306,12 @@ def _add_exit_adapter(edge_dir: Path, src: Any, split: int, quant: str, req: Exp
             if k in result.info}
     info.update({"cached": cached, "gguf_blocks": split + req.exit_adapter, "h_k_tap_layer": split - 1,
                  "heldout_agreement_torch": result.info.get("heldout_agreement_torch")})
-    log(f"exit adapter: agreement {curve['agreement_top1']:.1%} (bare head {bare['agreement_top1']:.1%}); "
-        f"τ={curve['default_tau']} lets {curve['exit_rate_at_target']:.1%} of tokens exit at "
-        f"≥{req.target_agreement:.0%} agreement; spec γ=4 accepts {curve['spec_mean_accepted']:.2f} tokens/round")
+    head = curve["head_only"]
+    log(f"exit adapter + prompt lookup (λ by match length {curve['prompt_lookup']['lambdas']}): agreement "
+        f"{curve['agreement_top1']:.1%} (exit head alone {head['agreement_top1']:.1%}, bare head "
+        f"{bare['agreement_top1']:.1%}); τ={curve['default_tau']} lets {curve['exit_rate_at_target']:.1%} of tokens "
+        f"exit at ≥{req.target_agreement:.0%} agreement (head alone {head['exit_rate_at_target']:.1%}); spec γ=4 "
+        f"accepts {curve['spec_mean_accepted']:.2f} tokens/round (head alone {head['spec_mean_accepted']:.2f})")
     return info, calibration
 
 

@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import pytest
 from edge_server_util import EdgeServer, start_edge_server
+from fogline.manifest import load_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
 CTX = 256
@@ -60,7 +61,8 @@ def _metrics(server: EdgeServer) -> dict[tuple[str, tuple], float]:
 
 def _fogline(obj) -> dict:
     f = obj.model_extra.get("fogline") if hasattr(obj, "model_extra") else obj["fogline"]
-    keys = {"mode", "edge_tokens", "cloud_tokens", "fallback", "cloud_round_trips", "bytes_up", "bytes_down"}
+    keys = {"mode", "edge_tokens", "cloud_tokens", "fallback", "cloud_round_trips", "bytes_up", "bytes_down",
+            "lookup_tokens"}
     assert set(f) == keys or set(f) == keys | {"auto"}
     return f
 
@@ -150,16 +152,51 @@ def test_logprobs_chat_and_completions(client, model):
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
     assert "".join(e.token for e in content) == r.choices[0].message.content
+    not_top = 0
     for e in content:
         assert e.logprob <= 0 and len(e.top_logprobs) == 3
-        # greedy: the chosen token is the most likely one
-        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        # greedy: the chosen token is the exit head's most likely one, unless prompt lookup picked it
+        if e.top_logprobs[0].token == e.token:
+            assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        else:
+            not_top += 1
+            assert e.logprob < e.top_logprobs[0].logprob
         assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+    assert not_top == _fogline(r)["lookup_tokens"]
     c = client.completions.create(model=model, prompt="Paris is", max_tokens=5, temperature=0, logprobs=2)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert "".join(lp.tokens) == c.choices[0].text
     assert all(len(t) == 2 for t in lp.top_logprobs)
+
+
+COPY_PROMPT = ("Repeat this list exactly, twice: red apple, green pear, yellow banana, purple plum, orange "
+               "mango, red apple, green pear, yellow banana.")
+
+
+def test_prompt_lookup_on_by_default_and_off_by_flag(server, client, model, demo_bundle_adapter, tmp_path):
+    """The bundle's fitted λ drives greedy decoding: on a prompt whose answer copies it, some tokens
+    are the lookup's, each counted; `--no-prompt-lookup` gives the exit head alone (none counted),
+    and then greedy tokens are the head's argmax again."""
+    lams = load_manifest(demo_bundle_adapter / "edge").calibration["prompt_lookup"]["lambdas"]
+    assert len(lams) == 4 and max(lams) > 0, lams  # the demo model's greedy answers repeat their context
+    msgs = [{"role": "user", "content": COPY_PROMPT}]
+    on = client.chat.completions.create(model=model, messages=msgs, max_tokens=48, temperature=0,
+                                        logprobs=True, top_logprobs=1)
+    assert _fogline(on)["lookup_tokens"] > 0, on.choices[0].message.content
+    off_server = start_edge_server(demo_bundle_adapter / "edge", tmp_path / "off.log", "--threads", "1",
+                                   "--parallel", "1", "--ctx-size", str(CTX), "--no-prompt-lookup")
+    try:
+        assert "prompt lookup off" in off_server.log()
+        off_client = openai.OpenAI(base_url=off_server.v1, api_key="unused", max_retries=0, timeout=120)
+        off = off_client.chat.completions.create(model=model, messages=msgs, max_tokens=48, temperature=0,
+                                                 logprobs=True, top_logprobs=1)
+    finally:
+        assert off_server.stop() == 0
+    assert _fogline(off)["lookup_tokens"] == 0
+    assert all(e.top_logprobs[0].token == e.token for e in off.choices[0].logprobs.content)
+    assert off.choices[0].message.content != on.choices[0].message.content
+    assert "prompt lookup on" in server.log()
 
 
 def test_stop_string_across_token_boundary(client, model):

@@ -101,8 +101,12 @@ def test_manifest_calibration_is_reproduced_by_remeasuring(adapter_bundle, demo_
     data, _ = ea.calibration_set(demo_source, "demo", tok, areq, log=lambda *_: None)  # cache hit
     assert data.key == c["data"]["key"]
     again = cal.calibrate(root / "edge" / "edge.gguf", data.heldout, c["target_agreement"])
-    for k in ("curve", "default_tau", "exit_rate_at_target", "agreement_top1", "spec_mean_accepted", "positions"):
+    for k in ("curve", "default_tau", "exit_rate_at_target", "agreement_top1", "spec_mean_accepted", "positions",
+              "prompt_lookup", "head_only"):
         assert again[k] == c[k], k
+    # the τ and figures are the lookup mixture's, what the edge decodes; the head alone is beside them
+    alone = cal.calibrate(root / "edge" / "edge.gguf", data.heldout, c["target_agreement"], lookup=False)
+    assert {k: alone[k] for k in c["head_only"]} == c["head_only"] and "prompt_lookup" not in alone
     # The curve is self-consistent: τ=0 exits everything at the top-1 agreement; rates fall with τ.
     assert c["curve"][0]["exit_rate"] == 1.0 and c["curve"][0]["agreement"] == c["agreement_top1"]
     rates = [p["exit_rate"] for p in c["curve"]]
@@ -118,7 +122,7 @@ def test_trained_adapter_beats_the_bare_head_on_held_out_agreement(adapter_bundl
     bare head on the held-out answers (the manifest figures measured with llama.cpp); a broken
     trainer, loss or GGUF writer leaves it at or below the bare head."""
     c = load_manifest(adapter_bundle[0] / "edge", role="edge").calibration
-    adapter, bare = c["agreement_top1"], c["bare_head"]["agreement_top1"]
+    adapter, bare = c["head_only"]["agreement_top1"], c["bare_head"]["agreement_top1"]  # heads alone, no lookup
     assert c["positions"] > 0 and c["bare_head"].get("positions", c["positions"]) == c["positions"]
     assert adapter > bare + 0.05, (adapter, bare)
 
@@ -479,13 +483,19 @@ def test_bench_exit_measures_a_bundle_on_the_diverse_set(demo_bundle_adapter, tm
     for x in (d, t):
         assert 0.0 <= x["agreement_top1"] <= 1.0 and 1.0 <= x["spec_mean_accepted"] <= 5.0
     assert row["diverse_confidence_stop_tokens_per_round"]["0.0"] == pytest.approx(d["spec_mean_accepted"], abs=1e-3)
+    # the edge's greedy tokens: exit head + the bundle's prompt-lookup λ (never refitted on the diverse set)
+    assert row["drafter"] == "exit+lookup"
+    assert row["prompt_lookup"] == load_manifest(demo_bundle_adapter / "edge").calibration["prompt_lookup"]
+    head = row["diverse_head_only"]
+    assert d["agreement_top1"] != head["agreement_top1"]  # lookup changed tokens on 67 answers
+    # trees and top-k are the exit head's own ranks
     trees = {tuple(t["widths"]): t for t in row["diverse_trees"]}
-    assert trees[(1, 1, 1, 1)]["tokens_per_round"] == pytest.approx(d["spec_mean_accepted"], abs=1e-3)
+    assert trees[(1, 1, 1, 1)]["tokens_per_round"] == pytest.approx(head["spec_mean_accepted"], abs=1e-3)
     assert trees[(2, 2, 2, 2)]["tokens_per_round"] >= trees[(2, 1, 1, 1)]["tokens_per_round"] >= \
         trees[(1, 1, 1, 1)]["tokens_per_round"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # tokens per round by draft tree
     top = row["diverse_topk_agreement"]
-    assert top["1"] == pytest.approx(d["agreement_top1"], abs=1e-3) and top["8"] >= top["2"] >= top["1"]
+    assert top["1"] == pytest.approx(head["agreement_top1"], abs=1e-3) and top["8"] >= top["2"] >= top["1"]
 
 
 def test_negative_self_instruct_is_one_clear_error(tmp_path, capsys):

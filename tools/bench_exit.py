@@ -163,19 +163,26 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
         meas_s = time.time() - t0
     finally:
         src.close()
-    summ = cal.summarize(stats, target)
-    replays = {str(c): cal.confidence_stop_replay(stats, c) for c in CONF_STOPS}
+    from fogline.prompt_lookup import PromptLookup
+
+    c = m.calibration
+    lookup = PromptLookup.from_manifest(c.get("prompt_lookup"))  # the bundle's fitted λ, never refitted here
+    head = cal.summarize(stats, target)
+    edge_stats = cal.with_lookup(stats, lookup) if lookup is not None else stats  # what the edge decodes
+    summ = cal.summarize(edge_stats, target)
+    replays = {str(c): cal.confidence_stop_replay(edge_stats, c) for c in CONF_STOPS}
     stops = {c: round(r["tokens_per_round"], 4) for c, r in replays.items()}
     stop_rows = {c: round(r["cloud_rows_per_token"], 4) for c, r in replays.items()}
     trees = tree_rows(stats)
     topk = {str(k): round(float((stats.rank < k).mean()), 4) for k in TOPK}
-    c = m.calibration
+    keys = ("agreement_top1", "default_tau", "exit_rate_at_target", "spec_mean_accepted")
     return {"bundle": str(bundle), "K": m.split if hasattr(m, "split") else None,
-            "in_template": {k: c[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
-                                              "spec_mean_accepted", "positions", "answers")},
-            "diverse": {k: summ[k] for k in ("agreement_top1", "default_tau", "exit_rate_at_target",
-                                             "agreement_at_default_tau", "spec_mean_accepted", "positions",
-                                             "answers")},
+            "drafter": "exit+lookup" if lookup is not None else "exit",
+            "prompt_lookup": lookup.to_manifest() if lookup is not None else None,
+            "in_template": {k: c[k] for k in keys + ("positions", "answers")},
+            "in_template_head_only": c.get("head_only"),
+            "diverse": {k: summ[k] for k in keys + ("agreement_at_default_tau", "positions", "answers")},
+            "diverse_head_only": {k: head[k] for k in keys},
             "diverse_confidence_stop_tokens_per_round": stops, "diverse_confidence_stop_cloud_rows_per_token": stop_rows,
             "diverse_trees": trees,
             "diverse_topk_agreement": topk,
@@ -187,17 +194,24 @@ def format_bundle(r: dict, target: float) -> str:
     t, d = r["in_template"], r["diverse"]
     lines = [f"exit quality of {r['bundle']} (llama.cpp on the edge GGUF, generated positions, target {target:.0%})",
              f"{'set':<12} {'answers':>7} {'positions':>9} {'agree':>7} {'exit@tgt':>9} {'τ':>5} {'spec γ=4':>9}"]
-    for name, x in (("in-template", t), ("diverse", d)):
-        lines.append(f"{name:<12} {x['answers']:>7} {x['positions']:>9} {x['agreement_top1']:>7.1%} "
+    rows = [("in-template", t, t), ("diverse", d, d)]
+    if r.get("drafter") == "exit+lookup":
+        lines[0] += f"; greedy tokens from the exit head + prompt lookup, λ by match length {r['prompt_lookup']['lambdas']}"
+        rows = [("in-template", t, t), ("  head alone", r.get("in_template_head_only") or {}, t),
+                ("diverse", d, d), ("  head alone", r["diverse_head_only"], d)]
+    for name, x, n in rows:
+        if not x:
+            continue
+        lines.append(f"{name:<12} {n['answers']:>7} {n['positions']:>9} {x['agreement_top1']:>7.1%} "
                      f"{x['exit_rate_at_target']:>9.1%} {x['default_tau']:>5} {x['spec_mean_accepted']:>9.2f}")
     lines.append("diverse, γ=4 chain with confidence stop c (c=0: plain chain), tokens/round trip and cloud rows "
                  "per kept token: " + ", ".join(
                      f"c={c}: {v:.2f} / {r['diverse_confidence_stop_cloud_rows_per_token'][c]:.2f}"
                      for c, v in r["diverse_confidence_stop_tokens_per_round"].items()))
-    lines.append("diverse, full model's token within the exit head's top-k: "
+    lines.append("diverse, exit head alone: full model's token within its top-k: "
                  + ", ".join(f"k={k}: {v:.1%}" for k, v in r["diverse_topk_agreement"].items()))
-    lines.append("diverse, tokens/round trip by draft tree (children per node at each depth; nodes = h_K rows "
-                 "verified per round, depth = edge draft steps):")
+    lines.append("diverse, exit head alone: tokens/round trip by draft tree (children per node at each depth; "
+                 "nodes = h_K rows verified per round, depth = edge draft steps):")
     lines.append(f"  {'tree':<18} {'nodes':>5} {'depth':>5} {'tokens/round':>12}")
     for t in r["diverse_trees"]:
         lines.append(f"  {'(' + ','.join(map(str, t['widths'])) + ')':<18} {t['nodes']:>5} {t['depth']:>5} "
