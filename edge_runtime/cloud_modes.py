@@ -585,7 +585,7 @@ class CollabSource(_CloudSource):
             return choice
         tau = step.request.tau if step.request.tau is not None else self.bridge.tau
         if choice.confidence >= tau:
-            self._maybe_check(step, st)
+            self._maybe_check(step, st, choice)
             pending = step.position - st.recorded
             if st.recorded == 0 or pending >= LAZY_BATCH:  # the prompt at once, then in batches
                 self._append_lazy(step, st, self._rows(step, st, step.position))
@@ -593,17 +593,18 @@ class CollabSource(_CloudSource):
         self._infer(step, st, self._rows(step, st, step.position))
         return None
 
-    def _maybe_check(self, step: ExitStep, st: _Req) -> None:
+    def _maybe_check(self, step: ExitStep, st: _Req, choice: TokenChoice) -> None:
         """Pick this exit (position P, decided from row P-1) for an agreement check, by a hash of P.
-        The check is the exit head's greedy token, whatever the request samples: agreement means
-        the two argmaxes match (as the bundle's calibration measures it). Not under a structured
-        output mask (the edge's choice there is not the head's free argmax)."""
+        The check is the edge's greedy token, whatever the request samples: the exit head's argmax,
+        or the lookup mixture's where the request decodes with it (the token it emits), so agreement
+        means what the bundle's calibration measures. Not under a structured output mask (the
+        edge's choice there is not the head's free argmax)."""
         P = step.position
         if step.mask is not None or P - 1 < max(st.check_from, len(step.request.prompt) - 1):
             return
         if ((P * 0x9E3779B1) & 0xFFFFFFFF) >= self.bridge.check_share * 0x100000000:
             return
-        st.checks[P - 1] = int(np.argmax(step.logits))
+        st.checks[P - 1] = choice.token if step.hint is not None else int(np.argmax(step.logits))
 
 
 class SpecSource(_CloudSource):
