@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fogline.arch import ArchSpec
-from fogline.prompt_lookup import PromptLookup
+from fogline.prompt_lookup import MAX_N, PromptLookup, continuation, fit_lambdas, mix
 from quantize.calibration_data import Sample
 
 TAU_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95,
@@ -72,8 +72,6 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
 
     from edge_runtime.llama_backend import BatchRow, LlamaContext, LlamaModel
 
-    from fogline.prompt_lookup import MAX_N, continuation
-
     model = LlamaModel(edge_gguf)
     conf: list[np.ndarray] = []
     correct: list[np.ndarray] = []
@@ -93,15 +91,16 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
                     logits.append(ctx.decode(rows).logits)
                 z = np.concatenate(logits).astype(np.float64)  # [len(answer), V]
                 m = z.max(-1, keepdims=True)
-                p_max = 1.0 / np.exp(z - m).sum(-1)
-                conf.append(p_max)
+                sum_exp = np.exp(z - m).sum(-1)
+                conf.append(1.0 / sum_exp)  # max probability
+                lse = m[:, 0] + np.log(sum_exp)
                 answer = np.asarray(s.answer)
                 argmax = z.argmax(-1)
                 hit = argmax == answer
                 correct.append(hit)
-                lse = m[:, 0] + np.log(np.exp(z - m).sum(-1))
+                text = np.asarray(s.tokens, dtype=np.int64)
                 for i, t in enumerate(s.answer):  # the candidate the edge would see: true text before i
-                    found = continuation(s.tokens[: s.first_target + 1 + i], MAX_N)
+                    found = continuation(text[: s.first_target + 1 + i], MAX_N)
                     c, n = found if found is not None else (-1, 0)
                     lk.append((n, float(np.exp(z[i, c] - lse[i])) if n else 0.0, c == t, c == int(argmax[i]),
                                float(np.exp(z[i, t] - lse[i]))))
@@ -123,8 +122,6 @@ def measure(edge_gguf: Path, samples: list[Sample], threads: int | None = None, 
 
 def fit_lookup(stats: ExitStats) -> PromptLookup:
     """λ per match length by likelihood of the full model's tokens on these positions."""
-    from fogline.prompt_lookup import fit_lambdas
-
     f = _features(stats)
     return fit_lambdas(f.match_len, f.p_true, f.candidate_true)
 
@@ -134,8 +131,6 @@ def with_lookup(stats: ExitStats, lookup: PromptLookup) -> ExitStats:
     token and confidence `fogline.prompt_lookup.mix` gives (the edge's Sampler calls the same
     function), and whether that token is the full model's. Exact for chains, as `_replay` is:
     the context a candidate comes from is the true text. Ranks stay the exit head's."""
-    from fogline.prompt_lookup import mix
-
     f = _features(stats)
     conf = stats.confidence.copy()
     correct = stats.correct.copy()

@@ -170,9 +170,9 @@ def measure_bundle(bundle: Path, source: str, target: float, threads: int | None
     head = cal.summarize(stats, target)
     edge_stats = cal.with_lookup(stats, lookup) if lookup is not None else stats  # what the edge decodes
     summ = cal.summarize(edge_stats, target)
-    replays = {str(c): cal.confidence_stop_replay(edge_stats, c) for c in CONF_STOPS}
-    stops = {c: round(r["tokens_per_round"], 4) for c, r in replays.items()}
-    stop_rows = {c: round(r["cloud_rows_per_token"], 4) for c, r in replays.items()}
+    replays = {str(stop): cal.confidence_stop_replay(edge_stats, stop) for stop in CONF_STOPS}
+    stops = {k: round(r["tokens_per_round"], 4) for k, r in replays.items()}
+    stop_rows = {k: round(r["cloud_rows_per_token"], 4) for k, r in replays.items()}
     trees = tree_rows(stats)
     topk = {str(k): round(float((stats.rank < k).mean()), 4) for k in TOPK}
     keys = ("agreement_top1", "default_tau", "exit_rate_at_target", "spec_mean_accepted")
